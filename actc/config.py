@@ -1,0 +1,151 @@
+"""ActcConfig: the one frozen record that every option goes through, and budget parsing.
+
+    torch.compile(m, backend="actc", options={"memory_budget": "2bit"})   # average bits per element
+    torch.compile(m, backend="actc", options={"memory_budget": 0.1})      # fraction of the saved bytes
+    torch.compile(m, backend="actc", options={"memory_budget": "512MB"})  # absolute bytes, all graphs together
+    ACTC_MEMORY_BUDGET=2bit python train.py                                # for tools that pass only a name
+
+The option wins over the environment variable. Every bad key or value raises ``ActcOptionError``, which
+names the key, the value and what is valid, and suggests the closest key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+ENV_BUDGET = "ACTC_MEMORY_BUDGET"
+BITS = (1, 2, 4, 8)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BUDGET_FORMS = "average bits like '2bit' (1 to 8), a fraction of the saved bytes like 0.1 (0 < f <= 1), " \
+               "or absolute bytes like '512MB', '1.5GiB' or an int"
+
+
+class ActcOptionError(ValueError):
+    """A bad actc option: the message names the key, the value and what is valid."""
+
+
+@dataclass(frozen=True)
+class AverageBits:
+    bits: float
+
+    def __str__(self) -> str:
+        return f"{self.bits:g}bit"
+
+
+@dataclass(frozen=True)
+class Fraction:
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{self.fraction:g} of saved bytes"
+
+
+@dataclass(frozen=True)
+class Bytes:
+    nbytes: int
+
+    def __str__(self) -> str:
+        return f"{self.nbytes / 2**20:.1f} MiB"
+
+
+Budget = Union[AverageBits, Fraction, Bytes]
+
+
+def parse_budget(value: Any, key: str = "memory_budget") -> Budget:
+    """'2bit' -> AverageBits, 0.1 -> Fraction, '512MB' / 1.5GiB / int -> Bytes."""
+    if isinstance(value, (AverageBits, Fraction, Bytes)):
+        return value
+    if isinstance(value, bool):
+        raise ActcOptionError(f"option {key!r}: {value!r} is not a budget; valid: {BUDGET_FORMS}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ActcOptionError(f"option {key!r}: {value!r} bytes is negative; valid: {BUDGET_FORMS}")
+        return Bytes(value)
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ActcOptionError(f"option {key!r}: fraction {value!r} is outside (0, 1]; valid: {BUDGET_FORMS}")
+        return Fraction(value)
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)(bits?|b)", text)
+        if m and m.group(2) != "b":
+            bits = float(m.group(1))
+            if not 1.0 <= bits <= 8.0:
+                raise ActcOptionError(f"option {key!r}: {value!r} is outside 1 to 8 bits; valid: {BUDGET_FORMS}")
+            return AverageBits(bits)
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", text)
+        if m and m.group(2) in _UNITS:
+            number = float(m.group(1))
+            if m.group(2) == "" and "." in m.group(1):
+                return parse_budget(number, key)
+            return Bytes(int(number * _UNITS[m.group(2)]))
+    raise ActcOptionError(f"option {key!r}: cannot read {value!r} as a budget; valid: {BUDGET_FORMS}")
+
+
+@dataclass(frozen=True)
+class ActcConfig:
+    """Every actc option. Build it with ``ActcConfig.from_options``; it is hashable and frozen."""
+
+    memory_budget: Budget = AverageBits(2.0)
+    group_size: int = 128          # elements per (min, scale) pair; a power of two from 8 to 1024
+    bits: tuple[int, ...] = BITS   # widths the allocator may choose from
+    min_bytes: int = 16384         # payoff threshold: smaller saved tensors stay as they are
+    keep_uncompressed: bool = True  # the allocator may leave a tensor uncompressed when the budget allows
+    compress_masks: bool = True    # bool masks (ReLU, dropout) packed to exact 1-bit
+    dump_dir: str | None = None    # write every graph's plan and rewritten graphs here
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "ActcConfig":
+        env = os.environ if env is None else env
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                close = difflib.get_close_matches(str(key), valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ActcOptionError(f"unknown actc option {key!r} (value {options[key]!r}){hint} Valid options: {', '.join(valid)}")
+        if "memory_budget" not in options and env.get(ENV_BUDGET):
+            try:
+                options["memory_budget"] = parse_budget(env[ENV_BUDGET], ENV_BUDGET)
+            except ActcOptionError as e:
+                raise ActcOptionError(f"environment variable {e}") from None
+        kwargs = {k: _check(k, v) for k, v in options.items()}
+        return cls(**kwargs)
+
+    def summary(self) -> str:
+        return f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} min_bytes={self.min_bytes}"
+
+
+def _check(key: str, value: Any) -> Any:
+    def bad(valid: str) -> ActcOptionError:
+        return ActcOptionError(f"option {key!r}: invalid value {value!r}; valid: {valid}")
+
+    if key == "memory_budget":
+        return parse_budget(value, key)
+    if key == "group_size":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value > 1024 or value & (value - 1):
+            raise bad("a power of two from 8 to 1024")
+        return value
+    if key == "bits":
+        items = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, (list, tuple)) else None
+        if not items or any(isinstance(b, bool) or b not in BITS for b in items):
+            raise bad(f"a non-empty list drawn from {list(BITS)}")
+        return tuple(sorted(set(items)))
+    if key == "min_bytes":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad("an int >= 0 (bytes)")
+        return value
+    if key in ("keep_uncompressed", "compress_masks"):
+        if not isinstance(value, bool):
+            raise bad("True or False")
+        return value
+    if key == "dump_dir":
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise bad("a directory path or None")
+        return None if value is None else os.fspath(value)
+    raise AssertionError(key)

@@ -1,0 +1,86 @@
+"""The plan: one record per saved tensor, filled by the passes, printed by `actc dump`, `actc.explain`,
+the `actc` logger and the dump directory alike.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TensorPlan:
+    name: str                 # forward node compressed (the alias root)
+    shape: str
+    dtype: str
+    producer: str             # op that made it
+    kind: str                 # "quant" | "mask" | "keep" (allocator kept it) | "skip"
+    bits: int | None          # stored bits per element (None when skipped)
+    bytes_before: int
+    bytes_after: int
+    reason: str = ""          # why skipped/kept, or which aliases it stands for
+    consumer: str = ""        # "linear" | "other": the backward op class that reads it
+    weight: float = 0.0       # sensitivity weight the allocator used
+
+
+@dataclass
+class GraphPlan:
+    graph: int                # index of the compiled graph in this session (graph breaks give several)
+    budget: str
+    budget_bytes: int
+    feasible: bool
+    tensors: list[TensorPlan] = field(default_factory=list)
+    forward_code: str = ""
+    backward_code: str = ""
+    error: str = ""           # set when actc fell back to the uncompressed graphs
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(t.bytes_before for t in self.tensors)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(t.bytes_after for t in self.tensors)
+
+    def totals(self) -> str:
+        ratio = self.bytes_before / max(self.bytes_after, 1)
+        compressed = sum(t.kind in ("quant", "mask") for t in self.tensors)
+        return (f"actc graph {self.graph}: {compressed}/{len(self.tensors)} saved tensors compressed, "
+                f"{mib(self.bytes_before)} -> {mib(self.bytes_after)} MiB ({ratio:.1f}x less), budget {self.budget}"
+                + ("" if self.feasible else " (infeasible: tightest plan used)")
+                + (f" [fell back: {self.error}]" if self.error else ""))
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+HEADER = ("name", "shape", "dtype", "producer", "bits", "before", "after", "reason")
+
+
+def table(plans: list[GraphPlan]) -> str:
+    """A fixed-width table of every tensor in every graph, with per-graph and overall totals."""
+    rows = [("graph",) + HEADER]
+    for p in plans:
+        for t in p.tensors:
+            bits = "-" if t.bits is None else str(t.bits)
+            rows.append((str(p.graph), t.name, t.shape, t.dtype, t.producer, bits,
+                         str(t.bytes_before), str(t.bytes_after), t.reason))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines += [p.totals() for p in plans]
+    before, after = sum(p.bytes_before for p in plans), sum(p.bytes_after for p in plans)
+    lines.append(f"total: {mib(before)} -> {mib(after)} MiB saved for backward ({before / max(after, 1):.1f}x less)")
+    return "\n".join(lines)
+
+
+def to_json(plans: list[GraphPlan], include_code: bool = True) -> str:
+    out = []
+    for p in plans:
+        d = asdict(p)
+        d["bytes_before"], d["bytes_after"] = p.bytes_before, p.bytes_after
+        if not include_code:
+            d.pop("forward_code"), d.pop("backward_code")
+        out.append(d)
+    before, after = sum(p.bytes_before for p in plans), sum(p.bytes_after for p in plans)
+    return json.dumps({"graphs": out, "bytes_before": before, "bytes_after": after}, indent=2)

@@ -1,0 +1,1 @@
+"""actc kernels: the aten-level quantizer that Inductor fuses, and hand-written Triton kernels."""

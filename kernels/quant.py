@@ -1,0 +1,196 @@
+"""Group-wise stochastic quantization written as plain aten-level torch code.
+
+These functions are traced with ``make_fx`` and inlined into the partitioned forward and backward
+graphs (``actc.passes.rewrite``), so Inductor fuses them into the kernels around them. They are also
+callable eagerly. ``reference_quantize`` / ``reference_dequantize`` at the bottom compute the same
+result a second, slower and more obvious way; the tests compare the two bit for bit.
+
+Format of one compressed tensor of ``n`` elements, viewed flat in memory order, ``G`` elements a group:
+
+    codes : uint8 [ng, G * bits // 8]   ng = ceil(n / G); code k of a group sits in byte k // (8 // bits),
+                                         at bit (k % (8 // bits)) * bits (little end first)
+    meta  : [ng, 2] (lo, scale)          in the tensor's dtype, or bf16 when that is smaller (fp32 input)
+
+    quantize:   q = clamp(floor((x - lo) / scale + u), 0, 2^bits - 1),   u ~ U[0, 1)
+    dequantize: x' = lo + q * scale                                          E[x'] = x
+
+``lo`` is rounded down and ``scale`` up when they are stored in a narrower dtype, so every element
+stays inside [lo, lo + (2^bits - 1) * scale] and the rounding stays unbiased. Bool masks are packed
+8 to a byte, exactly. Everything is computed in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_GROUP = 128
+BITS = (1, 2, 4, 8)
+# lo - |lo| * 2^-7 rounds to <= lo, and s * (1 + 2^-7) rounds to >= s, in bf16 (relative step 2^-8) and fp16.
+_SAFETY = 2.0**-7
+
+
+def meta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of (lo, scale): the tensor's own dtype, or bf16 where that is smaller."""
+    return dtype if torch.empty((), dtype=dtype).element_size() <= 2 else torch.bfloat16
+
+
+def check_format(bits: int, group: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits={bits!r} is not supported; valid: {BITS}")
+    if group < 8 or group > 1024 or group & (group - 1):
+        raise ValueError(f"group={group!r} is not supported; valid: a power of two from 8 to 1024")
+
+
+def num_groups(numel, group: int):
+    return (numel + group - 1) // group
+
+
+def compressed_bytes(numel: int, bits: int, group: int, dtype: torch.dtype) -> int:
+    """Bytes stored for a tensor of ``numel`` elements at ``bits`` (codes plus per-group metadata)."""
+    ng = num_groups(numel, group)
+    meta_size = torch.empty((), dtype=meta_dtype(dtype)).element_size()
+    return ng * group * bits // 8 + ng * 2 * meta_size
+
+
+def mask_bytes(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+# --------------------------------------------------------------------------------------------------
+# aten-level implementation (traced into the graphs)
+# --------------------------------------------------------------------------------------------------
+def _groups(flat: torch.Tensor, group: int, fill: float) -> torch.Tensor:
+    """[n] -> [ng, group], the tail padded with ``fill``."""
+    n = flat.shape[0]
+    pad = num_groups(n, group) * group - n
+    if isinstance(pad, int) and pad == 0:
+        return flat.view(-1, group)
+    return torch.nn.functional.pad(flat, (0, pad), value=fill).view(-1, group)
+
+
+def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: torch.Tensor | None = None):
+    """Quantize a 1-D tensor. Returns (codes uint8 [ng, group*bits//8], meta [ng, 2]).
+
+    ``noise``: uniform [0, 1) fp32 of shape [ng, group]; drawn with ``torch.rand`` when omitted.
+    """
+    mdt = meta_dtype(flat.dtype)
+    levels = (1 << bits) - 1
+    x = flat.float()
+    lo = _groups(x, group, math.inf).amin(dim=1)
+    hi = _groups(x, group, -math.inf).amax(dim=1)
+    if mdt == flat.dtype:  # lo is a value of the tensor: exact in its own dtype
+        lo_s = lo.to(mdt)
+    else:
+        lo_s = (lo - lo.abs() * _SAFETY).to(mdt)
+    lo_q = lo_s.float()
+    scale = (hi - lo_q) / levels
+    scale_s = (scale * (1 + _SAFETY)).clamp(max=torch.finfo(mdt).max).to(mdt)
+    scale_q = scale_s.float()
+    inv = torch.where(scale_q > 0, 1.0 / scale_q, torch.zeros_like(scale_q))
+    xg = _groups(x, group, 0.0)
+    if noise is None:
+        noise = torch.rand(xg.shape, dtype=torch.float32, device=flat.device)
+    q = torch.floor((xg - lo_q[:, None]) * inv[:, None] + noise).clamp(0, levels)
+    codes = _pack(q.to(torch.int32), bits)
+    meta = torch.stack([lo_s, scale_s], dim=1)
+    return codes, meta
+
+
+def dequantize(codes: torch.Tensor, meta: torch.Tensor, bits: int, numel, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a 1-D tensor of ``numel`` elements of ``dtype``."""
+    q = _unpack(codes, bits).float()
+    m = meta.float()
+    x = m[:, 0:1] + q * m[:, 1:2]
+    return x.reshape(-1)[:numel].to(dtype)
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return q.to(torch.uint8)
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
+    q = q.view(q.shape[0], -1, per)
+    return (q << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes.to(torch.int32)
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
+    q = (codes.to(torch.int32)[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return q.reshape(codes.shape[0], -1)
+
+
+def pack_mask(flat: torch.Tensor) -> torch.Tensor:
+    """Bool [n] -> uint8 [ceil(n/8)], element i at bit i % 8 of byte i // 8. Exact."""
+    return _pack(_groups(flat.to(torch.int32), 8, 0).view(1, -1), 1).view(-1)
+
+
+def unpack_mask(packed: torch.Tensor, numel) -> torch.Tensor:
+    return _unpack(packed.view(1, -1), 1).reshape(-1)[:numel].to(torch.bool)
+
+
+# --------------------------------------------------------------------------------------------------
+# layout: a dense tensor of any strides is flattened in memory order, and restored with its strides
+# --------------------------------------------------------------------------------------------------
+def memory_order(shape, strides) -> tuple[int, ...]:
+    """Permutation of dims from outermost to innermost in memory; ``shape``/``strides`` are ints."""
+    return tuple(sorted(range(len(shape)), key=lambda d: (-strides[d], -shape[d])))
+
+
+def flatten_in_memory_order(x: torch.Tensor, perm) -> torch.Tensor:
+    if list(perm) != sorted(perm):
+        x = x.permute(perm)
+    return x.reshape(-1)
+
+
+def restore_layout(flat: torch.Tensor, shape, perm) -> torch.Tensor:
+    physical = flat.view([shape[d] for d in perm])
+    if list(perm) == sorted(perm):
+        return physical
+    inverse = [0] * len(perm)
+    for i, d in enumerate(perm):
+        inverse[d] = i
+    return physical.permute(inverse)
+
+
+# --------------------------------------------------------------------------------------------------
+# reference: the same numbers, computed the slow and obvious way (tests only)
+# --------------------------------------------------------------------------------------------------
+def reference_quantize(flat: torch.Tensor, bits: int, group: int, noise: torch.Tensor):
+    mdt = meta_dtype(flat.dtype)
+    levels = 2**bits - 1
+    n = flat.numel()
+    ng = num_groups(n, group)
+    x = flat.float()
+    codes = torch.zeros(ng, group * bits // 8, dtype=torch.uint8)
+    meta = torch.zeros(ng, 2, dtype=mdt)
+    for g in range(ng):
+        chunk = x[g * group : (g + 1) * group]
+        lo, hi = chunk.min(), chunk.max()
+        lo_s = lo.to(mdt) if mdt == flat.dtype else (lo - abs(lo) * _SAFETY).to(mdt)
+        scale = (hi - lo_s.float()) / levels
+        scale_s = min(scale * (1 + _SAFETY), torch.tensor(torch.finfo(mdt).max)).to(mdt)
+        meta[g, 0], meta[g, 1] = lo_s, scale_s
+        inv = 1.0 / scale_s.float() if scale_s > 0 else torch.tensor(0.0)
+        for k in range(group):
+            v = chunk[k] if k < chunk.numel() else torch.tensor(0.0)
+            q = int(torch.floor((v - lo_s.float()) * inv + noise[g, k]).clamp(0, levels))
+            byte, slot = divmod(k * bits, 8)
+            codes[g, byte] |= q << slot
+    return codes, meta
+
+
+def reference_dequantize(codes, meta, bits: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    ng, nbytes = codes.shape
+    per = 8 // bits
+    out = torch.empty(ng * nbytes * per, dtype=torch.float32)
+    for g in range(ng):
+        lo, scale = meta[g, 0].float(), meta[g, 1].float()
+        for k in range(nbytes * per):
+            byte, slot = divmod(k * bits, 8)
+            q = (int(codes[g, byte]) >> slot) & (2**bits - 1)
+            out[g * nbytes * per + k] = lo + q * scale
+    return out[:numel].to(dtype)

@@ -1,0 +1,1 @@
+"""actc graph passes: candidate finding, bit allocation and graph rewriting."""

@@ -1,0 +1,198 @@
+"""Find the tensors that the forward saves for the backward, and decide which ones may be compressed.
+
+    fw outputs:  (user outs..., addmm, permute_3, gt, getitem_1 (LN rstd), primals_3, s0)
+                                  │        │       │        │                  │        └ SymInt: not a tensor
+                                  │        │       │        │                  └ primal: skip
+                                  │        │       │        └ below payoff: skip
+                                  │        │       └ bool mask: exact 1-bit
+                                  └────────┴ permute_3 = addmm.permute(...): one group, compressed once at addmm
+    → [Saved(addmm, aliases=[addmm, permute_3], kind="quant"), Saved(gt, kind="mask"), Saved(..., kind="skip")]
+
+Every record carries a reason when it is skipped, so that the plan can say why a tensor was left alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from actc import _torch_compat as compat
+from actc.config import ActcConfig
+from actc.kernels import quant
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+LINEAR_CONSUMERS = {"mm", "addmm", "bmm", "baddbmm", "convolution_backward", "matmul", "linear",
+                    "_scaled_dot_product_flash_attention_for_cpu_backward",
+                    "_scaled_dot_product_efficient_attention_backward",
+                    "_scaled_dot_product_flash_attention_backward"}
+
+
+@dataclass
+class Saved:
+    """One compressible unit: a root tensor of the forward and the saved tensors that alias it."""
+
+    node: fx.Node                       # the forward node that gets compressed (the alias root)
+    aliases: list[fx.Node]              # saved forward outputs re-derived from ``node`` in the backward
+    kind: str                           # "quant" | "mask" | "skip"
+    reason: str = ""
+    numel: int = 0                      # worst case under dynamic shapes
+    full_bytes: int = 0
+    perm: tuple[int, ...] = ()
+    consumer: str = ""                  # "linear" when a matmul/conv reads it in the backward, else "other"
+    dynamic: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.node.meta["val"].dtype
+
+    @property
+    def producer(self) -> str:
+        target = self.node.target
+        return getattr(target, "__name__", str(target)).split(".")[0] if self.node.op == "call_function" else self.node.op
+
+
+def op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def is_view(node: fx.Node) -> bool:
+    """A single-output aten op whose result aliases its first argument (schema says ``Tensor(a)``)."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or len(schema.returns) != 1:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write and isinstance(node.args[0], fx.Node)
+
+
+def alias_chain(node: fx.Node) -> list[fx.Node]:
+    """[root, view1, ..., node]: the views that lead from the root storage to ``node``."""
+    chain = [node]
+    while is_view(chain[-1]):
+        chain.append(chain[-1].args[0])
+    return chain[::-1]
+
+
+def replayable(chain: list[fx.Node]) -> bool:
+    """Can the views be rebuilt in the backward? Only when their other arguments are constants."""
+    for view in chain[1:]:
+        leaves = torch.fx.node.map_aggregate((view.args[1:], view.kwargs), lambda a: a)
+        flat = []
+        torch.fx.node.map_aggregate(leaves, lambda a: flat.append(a))
+        if any(isinstance(a, (fx.Node, torch.SymInt)) for a in flat):
+            return False
+    return True
+
+
+def dense_perm(val: torch.Tensor) -> tuple[int, ...] | None:
+    """Memory-order permutation when the tensor is dense and non-overlapping, else None."""
+    shape = [compat.hint(s) for s in val.shape]
+    strides = [compat.hint(s) for s in val.stride()]
+    perm = quant.memory_order(shape, strides)
+    expected = 1
+    for d in reversed(perm):
+        if shape[d] != 1 and strides[d] != expected:
+            return None
+        expected *= shape[d]
+    return perm
+
+
+def parameter_derived(fw: fx.GraphModule, static_indices: list[int] | None) -> set[fx.Node]:
+    """Nodes computed only from parameters/buffers (static-lifetime primals) and constants."""
+    placeholders = fw.graph.find_nodes(op="placeholder")
+    static = {placeholders[i] for i in (static_indices or []) if i < len(placeholders)}
+    derived: set[fx.Node] = set()
+    for node in fw.graph.nodes:
+        if node.op == "placeholder":
+            if node in static:
+                derived.add(node)
+        elif node.op == "call_function" and node.all_input_nodes and all(n in derived for n in node.all_input_nodes):
+            derived.add(node)
+    return derived
+
+
+def consumer_class(bw: fx.GraphModule, names: list[str]) -> str:
+    """'linear' when a matmul-like op reads the tensor (through views) in the backward, else 'other'."""
+    frontier = [n for n in bw.graph.find_nodes(op="placeholder") if n.name in names]
+    seen = set()
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if op_name(user) in LINEAR_CONSUMERS:
+                return "linear"
+            if is_view(user):
+                frontier.append(user)
+    return "other"
+
+
+def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
+                    static_indices: list[int] | None, config: ActcConfig) -> list[Saved]:
+    """One ``Saved`` record per saved tensor storage, in the order the forward returns them."""
+    outputs = list(fw.graph.find_nodes(op="output")[0].args[0])
+    user_outputs = {n for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
+    saved = [n for n in outputs[num_fwd_outputs:]
+             if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
+    params = parameter_derived(fw, static_indices)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    chains: dict[fx.Node, list[fx.Node]] = {}
+    for node in saved:
+        chains[node] = alias_chain(node)
+        groups.setdefault(chains[node][0], []).append(node)
+
+    records = []
+    for root, aliases in groups.items():
+        records.append(_classify(root, aliases, chains, user_outputs, params, bw, config))
+    return records
+
+
+def _classify(root, aliases, chains, user_outputs, params, bw, config) -> Saved:
+    # A single saved view of an otherwise unsaved root is compressed as itself (fewer bytes than the root).
+    if len(aliases) == 1 and aliases[0] is not root and dense_perm(aliases[0].meta["val"]) is not None:
+        root = aliases[0]
+    val = root.meta["val"]
+    numel = math.prod(compat.upper_bound(s) for s in val.shape)
+    rec = Saved(node=root, aliases=aliases, kind="skip", numel=numel,
+                full_bytes=numel * val.element_size(),
+                dynamic=any(not isinstance(s, int) for s in val.shape))
+
+    def skip(reason: str) -> Saved:
+        rec.reason = reason
+        return rec
+
+    if root.op == "placeholder":
+        return skip("primal" if root in aliases else f"alias of primal %{root.name}")
+    if root in params:
+        return skip("parameter-derived")
+    if any(a in user_outputs for a in aliases) or root in user_outputs:
+        return skip("user output")
+    if any(a.meta.get("saved_tensor_with_no_vc_check") for a in aliases):
+        return skip("saved without version check")
+    if any(a is not root and not replayable(chains[a][chains[a].index(root):]) for a in aliases if root in chains[a]):
+        return skip(f"alias of %{root.name} with symbolic view arguments")
+    if val.dtype == torch.bool:
+        if not config.compress_masks:
+            return skip("mask compression off")
+        kind = "mask"
+    elif val.dtype in FLOATS:
+        kind = "quant"
+    else:
+        return skip(f"{str(val.dtype).replace('torch.', '')} kept exact")
+    perm = dense_perm(val)
+    if perm is None:
+        return skip("not dense in memory")
+    if rec.full_bytes < config.min_bytes:
+        return skip(f"below payoff ({rec.full_bytes} B < min_bytes {config.min_bytes})")
+    rec.kind, rec.perm = kind, perm
+    rec.consumer = consumer_class(bw, [a.name for a in aliases])
+    if len(aliases) > 1 or aliases[0] is not root:
+        rec.reason = "root of " + ", ".join("%" + a.name for a in aliases if a is not root)
+    return rec

@@ -1,0 +1,208 @@
+"""Graph surgery: quantize saved tensors in the forward, dequantize them in the backward.
+
+Before (forward / backward, after Inductor's partitioner):
+
+    fw: addmm = aten.addmm(b, x, w_t)                bw(primals_3, addmm, gt, tangents_1):
+        gelu = ...(addmm)                                 ... = aten.mul(addmm, ...)
+        return (out, addmm, gt)
+
+After (2-bit codes for addmm, 1-bit pack for the bool mask gt, per-group (lo, scale) in bf16):
+
+    fw: addmm = aten.addmm(b, x, w_t)                bw(addmm_codes, addmm_meta, gt_bits, tangents_1):
+        <quantize(addmm): amin/amax, rand, floor,         addmm = <dequantize(addmm_codes, addmm_meta)>
+         shift-or packing, inlined aten ops>              gt = <unpack(gt_bits)>
+        gelu = ...(addmm)                                 ... = aten.mul(addmm, ...)
+        return (out, addmm_codes, addmm_meta, gt_bits)
+
+The forward outputs and the backward placeholders change together, position for position: saved tensors
+keep their relative order, new SymInts (sizes of dynamic dims the dequantize needs) go after the
+existing ones in both graphs. Every inserted node carries ``meta["val"]``; the quantizer's ``aten.rand``
+is turned into Inductor's seeded RNG, so results follow ``torch.manual_seed``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from actc import _torch_compat as compat
+from actc.kernels import quant
+from actc.passes.candidates import Saved, alias_chain
+
+
+@dataclass
+class Decision:
+    saved: Saved
+    bits: int          # 1 for masks
+    group: int
+
+
+def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], num_fwd_outputs: int) -> None:
+    """Apply every decision to the pair of graphs, in place."""
+    if not decisions:
+        return
+    out = fw.graph.find_nodes(op="output")[0]
+    outputs = list(out.args[0])
+    descs = out.meta.get("desc")
+    bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
+    fw_syms = [n for n in outputs[num_fwd_outputs:] if _is_sym(n)]
+    sym_bw: dict = {compat.sym_expr(n.meta["val"]): bw_ph[n.name] for n in fw_syms if n.name in bw_ph}
+    sym_anchor = bw_ph[fw_syms[-1].name] if fw_syms and fw_syms[-1].name in bw_ph else None
+    new_syms: list[fx.Node] = []
+
+    for d in decisions:
+        root, aliases = d.saved.node, d.saved.aliases
+        fw_parts = _insert_quantize(fw, root, d)
+        # sizes the backward needs to rebuild a dynamic shape, shared across tensors
+        dims = []
+        for i, size in enumerate(root.meta["val"].shape):
+            if isinstance(size, int):
+                dims.append(size)
+                continue
+            expr = compat.sym_expr(size)
+            if expr not in sym_bw:
+                with fw.graph.inserting_after(root):
+                    fw_sym = fw.graph.call_function(torch.ops.aten.sym_size.int, (root, i))
+                fw_sym.meta["val"] = size
+                new_syms.append(fw_sym)
+                first = bw.graph.find_nodes(op="placeholder")[0]
+                ctx = bw.graph.inserting_after(sym_anchor) if sym_anchor is not None else bw.graph.inserting_before(first)
+                with ctx:
+                    ph = bw.graph.placeholder(f"{fw_sym.name}_{root.name}")
+                ph.meta["val"] = size
+                sym_bw[expr] = sym_anchor = ph
+            dims.append(sym_bw[expr])
+
+        # forward outputs: the first alias's slot takes the compressed parts, the other aliases go
+        slots = [i for i, n in enumerate(outputs) if i >= num_fwd_outputs and n in aliases]
+        old_ph = [bw_ph[outputs[i].name] for i in slots]
+        for i in reversed(slots[1:]):
+            del outputs[i]
+            if descs is not None:
+                del descs[i]
+        outputs[slots[0]:slots[0] + 1] = fw_parts
+        if descs is not None:
+            descs[slots[0]:slots[0] + 1] = [descs[slots[0]]] * len(fw_parts)
+
+        # backward placeholders in the same slot, then the dequantize before the first reader
+        with bw.graph.inserting_before(old_ph[0]):
+            parts = [bw.graph.placeholder(p.name) for p in fw_parts]
+        for ph, p in zip(parts, fw_parts):
+            ph.meta["val"] = p.meta["val"]
+        first_user = min((u for p in old_ph for u in p.users), key=_order(bw), default=None)
+        anchor = first_user if first_user is not None else bw.graph.find_nodes(op="output")[0]
+        restored = _insert_dequantize(bw, anchor, parts, dims, d)
+        for alias, ph in zip([outputs_alias for outputs_alias in _aliases_in_slot_order(aliases, old_ph)], old_ph):
+            value = _replay_views(bw, anchor, root, alias, restored)
+            ph.replace_all_uses_with(value)
+            bw.graph.erase_node(ph)
+
+    outputs.extend(new_syms)
+    if descs is not None and compat.SavedForBackwardsAOTOutput is not None:
+        saved_descs = [type(x)(i) if hasattr(x, "idx") else compat.SavedForBackwardsAOTOutput(i)
+                       for i, x in enumerate(descs[num_fwd_outputs:])]
+        saved_descs += [compat.SavedForBackwardsAOTOutput(len(saved_descs) + i) for i in range(len(new_syms))]
+        out.meta["desc"] = descs[:num_fwd_outputs] + saved_descs
+    out.args = (tuple(outputs),)
+    fw.graph.eliminate_dead_code()
+    compat.replace_random(fw)
+    for node in bw.graph.nodes:
+        if node.op == "call_function":
+            node.meta.setdefault("autograd_backward", True)
+    fw.graph.lint()
+    bw.graph.lint()
+    fw.recompile()
+    bw.recompile()
+
+
+def _is_sym(node) -> bool:
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool, torch.SymFloat))
+
+
+def _order(graph_module: fx.GraphModule):
+    index = {n: i for i, n in enumerate(graph_module.graph.nodes)}
+    return lambda n: index[n]
+
+
+def _aliases_in_slot_order(aliases, old_ph):
+    by_name = {a.name: a for a in aliases}
+    return [by_name[p.name] for p in old_ph]
+
+
+def _inline(graph: fx.Graph, before: fx.Node, traced: fx.GraphModule, args: list) -> list[fx.Node]:
+    """Copy ``traced`` into ``graph`` before ``before``, its placeholders bound to ``args``."""
+    env: dict[fx.Node, object] = {}
+    placeholders = traced.graph.find_nodes(op="placeholder")
+    for ph, arg in zip(placeholders, args):
+        env[ph] = arg
+    result = None
+    with graph.inserting_before(before):
+        for node in traced.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                result = torch.fx.node.map_arg(node.args[0], lambda n: env[n])
+                break
+            new = graph.node_copy(node, lambda n: env[n])
+            new.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
+            env[node] = new
+    return list(result) if isinstance(result, (list, tuple)) else [result]
+
+
+def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision) -> list[fx.Node]:
+    perm = d.saved.perm
+
+    if d.saved.kind == "mask":
+        def fn(x):
+            return (quant.pack_mask(quant.flatten_in_memory_order(x, perm)),)
+        suffixes = ["bits"]
+    else:
+        def fn(x):
+            return quant.quantize(quant.flatten_in_memory_order(x, perm), d.bits, d.group)
+        suffixes = ["codes", "meta"]
+    traced = compat.trace(fn, root.meta["val"])
+    parts = _inline(fw.graph, root.next, traced, [root])
+    for part, suffix in zip(parts, suffixes):
+        part.name = fw.graph._graph_namespace.create_name(f"{root.name}_{suffix}", None)
+    return parts
+
+
+def _insert_dequantize(bw: fx.GraphModule, before: fx.Node, parts: list[fx.Node], dims: list, d: Decision) -> fx.Node:
+    val = d.saved.node.meta["val"]
+    perm, dtype = d.saved.perm, val.dtype
+    sym_positions = [i for i, s in enumerate(dims) if not isinstance(s, int)]
+
+    def fn(*args):
+        tensors, syms = args[:len(parts)], args[len(parts):]
+        shape = list(dims)
+        for i, s in zip(sym_positions, syms):
+            shape[i] = s
+        numel = math.prod(shape)
+        if d.saved.kind == "mask":
+            flat = quant.unpack_mask(tensors[0], numel)
+        else:
+            flat = quant.dequantize(tensors[0], tensors[1], d.bits, numel, dtype)
+        return quant.restore_layout(flat, shape, perm)
+
+    sym_vals = [s.meta["val"] for s in (dims[i] for i in sym_positions)]
+    traced = compat.trace(fn, *[p.meta["val"] for p in parts], *sym_vals)
+    sym_nodes = [dims[i] for i in sym_positions]
+    (restored,) = _inline(bw.graph, before, traced, [*parts, *sym_nodes])
+    return restored
+
+
+def _replay_views(bw: fx.GraphModule, before: fx.Node, root: fx.Node, alias: fx.Node, restored: fx.Node) -> fx.Node:
+    """Rebuild ``alias`` (a chain of views of ``root`` in the forward) from the restored root."""
+    if alias is root:
+        return restored
+    chain = alias_chain(alias)
+    chain = chain[chain.index(root):]
+    env = {root: restored}
+    with bw.graph.inserting_before(before):
+        for view in chain[1:]:
+            new = bw.graph.node_copy(view, lambda n: env[n])
+            new.meta = {"val": view.meta["val"]}
+            env[view] = new
+    return env[chain[-1]]
