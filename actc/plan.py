@@ -20,6 +20,7 @@ class TensorPlan:
     reason: str = ""          # why skipped/kept, or which aliases it stands for
     consumer: str = ""        # "linear" | "other": the backward op class that reads it
     weight: float = 0.0       # sensitivity weight the allocator used
+    activation: bool = True   # primals and parameter-derived tensors are listed but not counted
 
 
 @dataclass
@@ -35,16 +36,17 @@ class GraphPlan:
 
     @property
     def bytes_before(self) -> int:
-        return sum(t.bytes_before for t in self.tensors)
+        return sum(t.bytes_before for t in self.tensors if t.activation)
 
     @property
     def bytes_after(self) -> int:
-        return sum(t.bytes_after for t in self.tensors)
+        return sum(t.bytes_after for t in self.tensors if t.activation)
 
     def totals(self) -> str:
         ratio = self.bytes_before / max(self.bytes_after, 1)
         compressed = sum(t.kind in ("quant", "mask") for t in self.tensors)
-        return (f"actc graph {self.graph}: {compressed}/{len(self.tensors)} saved tensors compressed, "
+        activations = sum(t.activation for t in self.tensors)
+        return (f"actc graph {self.graph}: {compressed}/{activations} saved activations compressed, "
                 f"{mib(self.bytes_before)} -> {mib(self.bytes_after)} MiB ({ratio:.1f}x less), budget {self.budget}"
                 + ("" if self.feasible else " (infeasible: tightest plan used)")
                 + (f" [fell back: {self.error}]" if self.error else ""))
@@ -70,7 +72,8 @@ def table(plans: list[GraphPlan]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines += [p.totals() for p in plans]
     before, after = sum(p.bytes_before for p in plans), sum(p.bytes_after for p in plans)
-    lines.append(f"total: {mib(before)} -> {mib(after)} MiB saved for backward ({before / max(after, 1):.1f}x less)")
+    lines.append(f"total: {mib(before)} -> {mib(after)} MiB of activations saved for backward "
+                 f"({before / max(after, 1):.1f}x less; primals and parameter-derived tensors not counted)")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ Every record carries a reason when it is skipped, so that the plan can say why a
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,10 @@ from actc.config import ActcConfig
 from actc.kernels import quant
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# Ops whose later outputs are per-row statistics (softmax logsumexp, normalization mean/rstd): an error in
+# them scales whole rows of the gradient, and they are small, so they stay exact.
+STATISTIC_PRODUCERS = ("scaled_dot_product", "layer_norm", "batch_norm", "group_norm", "rms_norm",
+                       "flash_attention", "efficient_attention", "cudnn_attention")
 LINEAR_CONSUMERS = {"mm", "addmm", "bmm", "baddbmm", "convolution_backward", "matmul", "linear",
                     "_scaled_dot_product_flash_attention_for_cpu_backward",
                     "_scaled_dot_product_efficient_attention_backward",
@@ -41,6 +46,7 @@ class Saved:
     full_bytes: int = 0
     perm: tuple[int, ...] = ()
     consumer: str = ""                  # "linear" when a matmul/conv reads it in the backward, else "other"
+    activation: bool = True             # False for primals and parameter-derived tensors: not counted
     dynamic: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -63,9 +69,14 @@ def op_name(node: fx.Node) -> str:
 
 
 def is_view(node: fx.Node) -> bool:
-    """A single-output aten op whose result aliases its first argument (schema says ``Tensor(a)``)."""
+    """An aten op whose result aliases its first argument (schema ``Tensor(a)`` or ``Tensor(a)[]``),
+    or ``getitem`` of such a list (split, unbind, chunk)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and is_view(node.args[0])
     schema = getattr(node.target, "_schema", None)
-    if node.op != "call_function" or schema is None or len(schema.returns) != 1:
+    if schema is None or len(schema.returns) != 1:
         return False
     alias = schema.returns[0].alias_info
     return alias is not None and not alias.is_write and isinstance(node.args[0], fx.Node)
@@ -168,9 +179,10 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config) -> Saved:
         rec.reason = reason
         return rec
 
-    if root.op == "placeholder":
-        return skip("primal" if root in aliases else f"alias of primal %{root.name}")
-    if root in params:
+    if root.op == "placeholder" or root in params:
+        rec.activation = False
+        if root.op == "placeholder":
+            return skip("primal" if root in aliases else f"alias of primal %{root.name}")
         return skip("parameter-derived")
     if any(a in user_outputs for a in aliases) or root in user_outputs:
         return skip("user output")
@@ -178,6 +190,9 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config) -> Saved:
         return skip("saved without version check")
     if any(a is not root and not replayable(chains[a][chains[a].index(root):]) for a in aliases if root in chains[a]):
         return skip(f"alias of %{root.name} with symbolic view arguments")
+    if root.target is operator.getitem and root.args[1] != 0 and isinstance(root.args[0], fx.Node) \
+            and any(p in op_name(root.args[0]) for p in STATISTIC_PRODUCERS):
+        return skip(f"statistic of {op_name(root.args[0])}, kept exact")
     if val.dtype == torch.bool:
         if not config.compress_masks:
             return skip("mask compression off")

@@ -75,7 +75,8 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config)
     quants = [r for r in records if r.kind == "quant"]
     cands = [_candidate(r, config) for r in quants]
-    fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes for r in records if r.kind != "quant")
+    fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
+                for r in records if r.kind != "quant" and r.activation)
     budget = _budget_bytes(config.memory_budget, cands, records, fixed, session, key)
     result = alloc.allocate(cands, max(budget, 0), allowed_bits=config.bits, allow_full=config.keep_uncompressed)
     feasible = result.feasible and budget >= 0
@@ -113,7 +114,7 @@ def _budget_bytes(budget, cands, records, fixed, session, key) -> int:
     if isinstance(budget, AverageBits):
         return alloc.budget_for_average_bits(cands, budget.bits) if cands else 0
     if isinstance(budget, Fraction):
-        return int(budget.fraction * sum(r.full_bytes for r in records)) - fixed
+        return int(budget.fraction * sum(r.full_bytes for r in records if r.activation)) - fixed
     assert isinstance(budget, Bytes)
     return budget.nbytes - session.charged_elsewhere(key) - fixed
 
@@ -131,4 +132,5 @@ def _tensor_plan(r: Saved, bits, kept: bool, config, cands) -> TensorPlan:
     weight = next((c.weight for c in cands if c.id == r.name), 0.0)
     return TensorPlan(name=r.name, shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""),
                       producer=r.producer, kind=kind, bits=bits if kind in ("quant", "mask") else None,
-                      bytes_before=r.full_bytes, bytes_after=after, reason=reason, consumer=r.consumer, weight=weight)
+                      bytes_before=r.full_bytes, bytes_after=after, reason=reason, consumer=r.consumer, weight=weight,
+                      activation=r.activation)

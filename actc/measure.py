@@ -1,0 +1,41 @@
+"""Honest saved-memory measurement: the bytes a training step keeps for the backward.
+
+``saved_tensors_hooks`` sees every tensor that a compiled (or eager) forward saves. The bytes of unique
+storages are summed, keyed by storage pointer, leaving out the storages of parameters, buffers and inputs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def saved_bytes(forward: Callable[[], Any], exclude: tuple[torch.Tensor, ...] = ()) -> tuple[int, Any]:
+    """Run ``forward()`` and return (bytes saved for backward, its output).
+
+    ``exclude``: tensors whose storages are not activations (parameters, buffers, inputs).
+    """
+    skip = {_storage_key(t) for t in exclude if isinstance(t, torch.Tensor)}
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in skip and key[0] != 0:
+            seen[key] = key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return sum(seen.values()), out
+
+
+def model_saved_bytes(model: torch.nn.Module, *inputs: Any, loss: Callable[[Any], torch.Tensor] | None = None) -> int:
+    """Saved bytes of ``model(*inputs)``, excluding parameters, buffers and the inputs."""
+    exclude = (*model.parameters(), *model.buffers(), *[i for i in inputs if isinstance(i, torch.Tensor)])
+    nbytes, _ = saved_bytes(lambda: model(*inputs), exclude)
+    return nbytes

@@ -1,0 +1,148 @@
+"""The passes, checked on the rewritten graphs and their plans: which tensors, which bits, how many bytes."""
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import actc
+from actc.backend import Session
+from actc.config import ActcConfig
+from actc.kernels import quant
+from actc.models import TinyGPT
+from actc.passes.partition import ActcPartitioner
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+def by_name(explanation):
+    (plan,) = explanation.plans
+    return {t.name: t for t in plan.tensors}, plan
+
+
+def test_mlp_plan_bits_and_bytes():
+    x = torch.randn(32, 64)
+    tensors, plan = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
+    quantized = {n: t for n, t in tensors.items() if t.kind == "quant"}
+    # the GELU input (addmm, 32x256) and the ReLU output are what the backward needs
+    assert "addmm" in quantized and quantized["addmm"].shape == "(32, 256)"
+    for t in quantized.values():
+        numel = math.prod(int(s) for s in t.shape.strip("()").split(", "))
+        assert t.bits == 2
+        assert t.bytes_before == numel * 4
+        assert t.bytes_after == quant.compressed_bytes(numel, 2, 128, torch.float32)
+    # parameters are listed as primals, skipped, and not counted
+    primals = [t for t in tensors.values() if t.reason == "primal"]
+    assert primals and all(not t.activation and t.kind == "skip" for t in primals)
+    assert plan.bytes_before == sum(t.bytes_before for t in tensors.values() if t.activation)
+    # the graphs: forward returns codes and meta, backward takes them instead of the saved tensor
+    assert "addmm_codes" in plan.forward_code and "addmm_meta" in plan.forward_code
+    bw_signature = plan.backward_code.split("def forward(")[1].split(")")[0]
+    assert "addmm_codes" in bw_signature and " addmm," not in bw_signature + ","
+    assert "inductor_random" in plan.forward_code  # rounding noise comes from Inductor's seeded RNG
+
+
+def test_masks_are_one_bit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.5), nn.Linear(256, 8))
+    tensors, _ = by_name(actc.explain(model, torch.randn(32, 64), min_bytes=1024))
+    masks = [t for t in tensors.values() if t.kind == "mask"]
+    assert len(masks) == 1 and masks[0].dtype == "bool" and masks[0].bits == 1
+    assert masks[0].bytes_before == 32 * 256 and masks[0].bytes_after == 32 * 256 // 8
+
+
+def test_attention_aliases_compressed_once_at_the_root():
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=32, width=64, layers=1, heads=2, context=32)
+    tensors, plan = by_name(actc.explain(model, torch.randint(0, 32, (4, 32)), min_bytes=1024))
+    roots = [t for t in tensors.values() if t.reason.startswith("root of")]
+    assert roots, "q, k and v are views of one qkv matmul output"
+    qkv = roots[0]
+    assert qkv.shape == "(128, 192)" and qkv.reason.count("%") == 3
+    assert qkv.bytes_before == 128 * 192 * 4  # the root's storage, counted once for the three views
+    # the softmax logsumexp is a statistic and stays exact
+    stats = [t for t in tensors.values() if "statistic" in t.reason]
+    assert stats and all(t.kind == "skip" for t in stats)
+
+
+def test_parameter_derived_tensors_are_left_alone():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(64, 64))
+
+        def forward(self, x):
+            # like an AMP weight cast, computed only from a parameter; a matmul, so the partitioner saves it
+            return F.linear(torch.tanh(x), self.w @ self.w.t())
+
+    x = torch.randn(64, 64, requires_grad=True)
+    tensors, plan = by_name(actc.explain(Scaled(), x, min_bytes=1024))
+    derived = [t for t in tensors.values() if t.reason == "parameter-derived"]
+    assert len(derived) == 1 and derived[0].kind == "skip" and not derived[0].activation
+    assert f"{derived[0].name}_codes" not in plan.forward_code
+    assert tensors["tanh"].kind == "quant"
+
+
+@pytest.mark.parametrize("budget,bits", [("8bit", 8), ("4bit", 4), ("1bit", 1)])
+def test_average_bit_budgets(budget, bits):
+    tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=budget, min_bytes=1024))
+    assert {t.bits for t in tensors.values() if t.kind == "quant"} == {bits}
+
+
+def test_fraction_budget_is_met_and_can_keep_tensors():
+    tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=0.1, min_bytes=1024))
+    assert plan.feasible and plan.bytes_after <= 0.1 * plan.bytes_before
+    tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=1.0, min_bytes=1024))
+    assert all(t.kind in ("keep", "skip") for t in tensors.values())
+    assert plan.bytes_after == plan.bytes_before
+
+
+def test_infeasible_budget_warns_once_and_uses_the_tightest_plan(caplog):
+    with caplog.at_level(logging.WARNING, logger="actc"):
+        tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=100, min_bytes=1024))
+    assert not plan.feasible
+    assert {t.bits for t in tensors.values() if t.kind == "quant"} == {1}
+    warnings = [r for r in caplog.records if "cannot be met" in r.getMessage()]
+    assert len(warnings) == 1 and "100" in warnings[0].getMessage()
+
+
+def test_payoff_threshold_and_integer_tensors():
+    class Indexed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(100, 64)
+
+        def forward(self, idx):
+            return torch.tanh(self.emb(idx)).max(dim=1).values
+
+    tensors, _ = by_name(actc.explain(Indexed(), torch.randint(0, 100, (16, 40)), min_bytes=1024))
+    ints = [t for t in tensors.values() if t.dtype in ("int64", "int32")]
+    assert ints and all(t.kind == "skip" and "kept exact" in t.reason for t in ints if t.activation)
+    tensors, _ = by_name(actc.explain(Indexed(), torch.randint(0, 100, (16, 40)), min_bytes=10**9))
+    assert all(t.kind == "skip" for t in tensors.values())
+    assert any("below payoff" in t.reason for t in tensors.values())
+
+
+def test_uuid_covers_options():
+    a = ActcPartitioner(Session(ActcConfig.from_options({"memory_budget": "2bit"}))).uuid()
+    b = ActcPartitioner(Session(ActcConfig.from_options({"memory_budget": "4bit"}))).uuid()
+    c = ActcPartitioner(Session(ActcConfig.from_options({"memory_budget": "2bit"}))).uuid()
+    assert a != b and a == c
+
+
+def test_internal_error_falls_back_and_training_continues(monkeypatch, caplog):
+    import actc.passes.partition as partition
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(partition, "rewrite", broken)
+    with caplog.at_level(logging.WARNING, logger="actc"):
+        explanation = actc.explain(mlp(), torch.randn(32, 64), min_bytes=1024)
+    assert "boom" in explanation.plans[0].error
+    assert sum("uncompressed" in r.getMessage() for r in caplog.records) == 1

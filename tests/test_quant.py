@@ -1,0 +1,110 @@
+"""The aten-level quantizer (kernels/quant.py) against its slow reference, and its statistics."""
+import pytest
+import torch
+
+from actc.kernels import quant
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("numel", [1, 5, 64, 200])  # 200 is neither a multiple of the group nor of 8
+def test_matches_reference_exactly(dtype, bits, numel):
+    g = torch.Generator().manual_seed(numel * 10 + bits)
+    x = (torch.randn(numel, generator=g) * 3 + 1).to(dtype)
+    group = 64
+    noise = torch.rand(quant.num_groups(numel, group), group, generator=g)
+    codes, meta = quant.quantize(x, bits, group, noise)
+    ref_codes, ref_meta = quant.reference_quantize(x, bits, group, noise)
+    assert codes.dtype == torch.uint8 and codes.shape == (quant.num_groups(numel, group), group * bits // 8)
+    assert meta.dtype == quant.meta_dtype(dtype)
+    assert torch.equal(codes, ref_codes) and torch.equal(meta, ref_meta)
+    out = quant.dequantize(codes, meta, bits, numel, dtype)
+    assert out.dtype == dtype and torch.equal(out, quant.reference_dequantize(codes, meta, bits, numel, dtype))
+    # every element within one quantization step of the input, plus the output dtype's own rounding
+    step = meta[:, 1].float().repeat_interleave(group)[:numel]
+    slack = x.float().abs() * torch.finfo(dtype).eps + 1e-6
+    assert ((out.float() - x.float()).abs() <= step * 1.0001 + slack).all()
+
+
+def test_meta_bounds_contain_the_group():
+    # lo is rounded down and scale up when stored in bf16, so no code ever saturates unfairly
+    x = torch.linspace(-1000.123, 1000.456, 1024)
+    codes, meta = quant.quantize(x, 2, 128, torch.zeros(8, 128))
+    lo, scale = meta[:, 0].float(), meta[:, 1].float()
+    groups = x.view(8, 128)
+    assert (lo <= groups.min(1).values).all()
+    assert (lo + 3 * scale >= groups.max(1).values).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_groups(dtype):
+    torch.manual_seed(0)
+    for value in (0.0, 2.5, -7.0):
+        x = torch.full((300,), value, dtype=dtype)
+        out = quant.dequantize(*quant.quantize(x, 2), 2, 300, dtype)
+        if value == 0.0 or dtype != torch.float32:
+            assert torch.equal(out, x)  # lo is exact and the scale is 0
+        else:
+            # fp32 stores lo in bf16, rounded down by |lo| * 2^-7: the error stays inside that margin
+            assert ((out - x).abs() <= abs(value) * 2**-6).all()
+
+
+def test_fp16_extreme_range_does_not_overflow():
+    x = torch.tensor([-60000.0, 60000.0] * 64, dtype=torch.float16)
+    codes, meta = quant.quantize(x, 1)
+    out = quant.dequantize(codes, meta, 1, x.numel(), x.dtype)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_unbiased_over_draws(bits):
+    torch.manual_seed(0)
+    x = torch.randn(4096)
+    draws = 400
+    total = torch.zeros_like(x)
+    for _ in range(draws):
+        total += quant.dequantize(*quant.quantize(x, bits), bits, x.numel(), x.dtype)
+    mean_err = (total / draws - x).abs().mean()
+    one_err = (quant.dequantize(*quant.quantize(x, bits), bits, x.numel(), x.dtype) - x).abs().mean()
+    # unbiased: the error of the mean falls like 1/sqrt(draws) = 1/20; allow 1/10 for sampling noise
+    assert mean_err < one_err / 10
+
+
+def test_mask_roundtrip_is_bit_exact():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 1000):
+        m = torch.rand(n, generator=g) > 0.5
+        packed = quant.pack_mask(m)
+        assert packed.dtype == torch.uint8 and packed.numel() == quant.mask_bytes(n)
+        assert torch.equal(quant.unpack_mask(packed, n), m)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(6, 5, 7),                                              # contiguous
+    lambda: torch.randn(7, 6).t(),                                             # transposed
+    lambda: torch.randn(2, 3, 5, 4).to(memory_format=torch.channels_last),     # channels-last
+    lambda: torch.randn(1, 9, 1, 3).permute(2, 3, 0, 1),                       # size-1 dims
+])
+def test_layout_restored_with_strides(make):
+    torch.manual_seed(0)
+    x = make()
+    perm = quant.memory_order(list(x.shape), list(x.stride()))
+    flat = quant.flatten_in_memory_order(x, perm)
+    assert flat.data_ptr() == x.data_ptr()  # memory order of a dense tensor needs no copy
+    y = quant.restore_layout(flat.clone(), list(x.shape), perm)
+    assert y.shape == x.shape and y.stride() == x.stride() and torch.equal(y, x)
+
+
+def test_compressed_bytes_counts_codes_and_meta():
+    # 1000 fp32 elements, groups of 128: 8 groups, 2 bits -> 8*32 code bytes + 8*2*2 bf16 meta bytes
+    assert quant.compressed_bytes(1000, 2, 128, torch.float32) == 8 * 32 + 8 * 4
+    assert quant.compressed_bytes(1000, 8, 128, torch.float16) == 8 * 128 + 8 * 4
+
+
+def test_bad_format_is_named():
+    with pytest.raises(ValueError, match="bits=3"):
+        quant.check_format(3, 128)
+    with pytest.raises(ValueError, match="group=100"):
+        quant.check_format(2, 100)
