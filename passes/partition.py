@@ -20,7 +20,7 @@ from actc.config import AverageBits, Bytes, Fraction
 from actc.kernels import quant
 from actc.passes import allocate as alloc
 from actc.passes.candidates import Saved, find_candidates
-from actc.passes.rewrite import Decision, rewrite
+from actc.passes.rewrite import Decision, rewrite, trace_pair
 from actc.plan import GraphPlan, TensorPlan
 
 log = logging.getLogger("actc")
@@ -91,7 +91,13 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
         full_bits = r.dtype.itemsize * 8
         kept = r.kind == "quant" and bits == full_bits
         if r.kind in ("quant", "mask") and not kept:
-            decisions.append(Decision(saved=r, bits=bits, group=config.group_size))
+            decision = Decision(saved=r, bits=bits, group=config.group_size)
+            try:
+                trace_pair(decision)
+                decisions.append(decision)
+            except Exception as e:  # this tensor stays as it is; the rest of the graph is still compressed
+                session.warn_once(f"actc left %{r.name} ({r.producer}) uncompressed: {type(e).__name__}: {e}")
+                r.kind, r.reason = "skip", f"not handled: {type(e).__name__}"
         tensors.append(_tensor_plan(r, bits, kept, config, cands))
     rewrite(fw, bw, decisions, num_fwd_outputs)
     plan = GraphPlan(graph=len(session.plans), budget=str(config.memory_budget), budget_bytes=budget + fixed,

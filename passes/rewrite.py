@@ -37,6 +37,8 @@ class Decision:
     saved: Saved
     bits: int          # 1 for masks
     group: int
+    quantize_gm: fx.GraphModule | None = None     # filled by trace_pair
+    dequantize_gm: fx.GraphModule | None = None
 
 
 def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], num_fwd_outputs: int) -> None:
@@ -53,6 +55,8 @@ def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], n
     new_syms: list[fx.Node] = []
 
     for d in decisions:
+        if d.quantize_gm is None:
+            trace_pair(d)
         root, aliases = d.saved.node, d.saved.aliases
         fw_parts = _insert_quantize(fw, root, d)
         # sizes the backward needs to rebuild a dynamic shape, shared across tensors
@@ -151,45 +155,53 @@ def _inline(graph: fx.Graph, before: fx.Node, traced: fx.GraphModule, args: list
     return list(result) if isinstance(result, (list, tuple)) else [result]
 
 
-def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision) -> list[fx.Node]:
-    perm = d.saved.perm
+def trace_pair(d: Decision) -> None:
+    """Trace the decision's quantize and dequantize on fake values; raises if actc cannot handle the tensor.
 
-    if d.saved.kind == "mask":
-        def fn(x):
-            return (quant.pack_mask(quant.flatten_in_memory_order(x, perm)),)
-        suffixes = ["bits"]
-    else:
-        def fn(x):
-            return quant.quantize(quant.flatten_in_memory_order(x, perm), d.bits, d.group)
-        suffixes = ["codes", "meta"]
-    traced = compat.trace(fn, root.meta["val"])
-    parts = _inline(fw.graph, root.next, traced, [root])
+    Called before any graph is touched, so that a tensor that fails here is simply left uncompressed.
+    """
+    val = d.saved.node.meta["val"]
+    perm, dtype, kind = d.saved.perm, val.dtype, d.saved.kind
+    shape = list(val.shape)
+    sym_positions = [i for i, s in enumerate(shape) if not isinstance(s, int)]
+
+    def quantize(x):
+        flat = quant.flatten_in_memory_order(x, perm)
+        return (quant.pack_mask(flat),) if kind == "mask" else quant.quantize(flat, d.bits, d.group)
+
+    def dequantize(*args):
+        n_parts = 1 if kind == "mask" else 2
+        tensors, syms = args[:n_parts], args[n_parts:]
+        size = list(shape)
+        for i, s in zip(sym_positions, syms):
+            size[i] = s
+        numel = math.prod(size)
+        if kind == "mask":
+            flat = quant.unpack_mask(tensors[0], numel)
+        else:
+            flat = quant.dequantize(tensors[0], tensors[1], d.bits, numel, dtype)
+        return quant.restore_layout(flat, size, perm)
+
+    d.quantize_gm = compat.trace(quantize, val)
+    parts = [n.meta["val"] for n in d.quantize_gm.graph.find_nodes(op="output")[0].args[0]]
+    d.dequantize_gm = compat.trace(dequantize, *parts, *[shape[i] for i in sym_positions])
+    restored = d.dequantize_gm.graph.find_nodes(op="output")[0].args[0].meta["val"]
+    if tuple(restored.shape) != tuple(val.shape) or restored.dtype != dtype or \
+            any(compat.hint(a) != compat.hint(b) for a, b in zip(restored.stride(), val.stride())):
+        raise ValueError(f"dequantize gives {tuple(restored.shape)}/{restored.stride()}, expected {tuple(val.shape)}/{val.stride()}")
+
+
+def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision) -> list[fx.Node]:
+    suffixes = ["bits"] if d.saved.kind == "mask" else ["codes", "meta"]
+    parts = _inline(fw.graph, root.next, d.quantize_gm, [root])
     for part, suffix in zip(parts, suffixes):
         part.name = fw.graph._graph_namespace.create_name(f"{root.name}_{suffix}", None)
     return parts
 
 
 def _insert_dequantize(bw: fx.GraphModule, before: fx.Node, parts: list[fx.Node], dims: list, d: Decision) -> fx.Node:
-    val = d.saved.node.meta["val"]
-    perm, dtype = d.saved.perm, val.dtype
-    sym_positions = [i for i, s in enumerate(dims) if not isinstance(s, int)]
-
-    def fn(*args):
-        tensors, syms = args[:len(parts)], args[len(parts):]
-        shape = list(dims)
-        for i, s in zip(sym_positions, syms):
-            shape[i] = s
-        numel = math.prod(shape)
-        if d.saved.kind == "mask":
-            flat = quant.unpack_mask(tensors[0], numel)
-        else:
-            flat = quant.dequantize(tensors[0], tensors[1], d.bits, numel, dtype)
-        return quant.restore_layout(flat, shape, perm)
-
-    sym_vals = [s.meta["val"] for s in (dims[i] for i in sym_positions)]
-    traced = compat.trace(fn, *[p.meta["val"] for p in parts], *sym_vals)
-    sym_nodes = [dims[i] for i in sym_positions]
-    (restored,) = _inline(bw.graph, before, traced, [*parts, *sym_nodes])
+    sym_nodes = [s for s in dims if not isinstance(s, int)]
+    (restored,) = _inline(bw.graph, before, d.dequantize_gm, [*parts, *sym_nodes])
     return restored
 
 
