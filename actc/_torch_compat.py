@@ -62,6 +62,17 @@ def upper_bound(x: Any, fallback: int = 8192) -> int:
     return hint(x, fallback)
 
 
+def lower_bound(x: Any) -> int:
+    """Least value of an int or SymInt expression over its symbols' ranges (dynamo's default minimum is 2)."""
+    if isinstance(x, int):
+        return x
+    try:
+        lower = bound_sympy(x.node.expr, x.node.shape_env.var_to_range).lower
+        return int(lower) if lower.is_finite else 0
+    except Exception:
+        return 0
+
+
 def sym_expr(x: Any) -> sympy.Expr | int:
     return x if isinstance(x, int) else x.node.expr
 
@@ -74,7 +85,12 @@ def trace(fn, *args) -> fx.GraphModule:
     """
     fake_mode = detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
-    with ctx, torch.fx.traceback.preserve_node_meta():
+    # The quantizer's shape logic (groups, padding, packing) holds for every size; the checks that tracing it
+    # makes on a symbolic size (is the group count 1?) must not become guards, or a user's
+    # mark_dynamic(min=..., max=...) range would be violated and dynamo would refuse to compile.
+    shape_env = getattr(fake_mode, "shape_env", None)
+    quiet = shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
+    with ctx, quiet, torch.fx.traceback.preserve_node_meta():
         from torch._dispatch.python import enable_python_dispatcher
 
         with enable_python_dispatcher():
@@ -91,6 +107,26 @@ def replace_random(gm: fx.GraphModule) -> None:
     """
     from torch._inductor.fx_passes.replace_random import replace_random_passes
 
+    seeds_op = torch.ops.prims.inductor_seeds.default
+    before = gm.graph.find_nodes(op="call_function", target=seeds_op)
     fake_mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
     with V.set_fake_mode(fake_mode):
         replace_random_passes(gm)
+    # The seeds op draws from torch's generator when it runs. The graph's own seeds (dropout's, fused by the
+    # joint-graph pass) must draw first, as they do under plain Inductor, or every dropout mask would change:
+    # move all seeds ops (they take only constants) to the top, the graph's own first.
+    added = [n for n in gm.graph.find_nodes(op="call_function", target=seeds_op) if n not in before]
+    anchor = gm.graph.find_nodes(op="placeholder")[-1]
+    for node in (*before, *added):
+        anchor.append(node)
+        anchor = node
+
+
+def has_symbolic_inputs(gm: fx.GraphModule, example_inputs) -> bool:
+    """Does dynamo's graph take symbolic sizes (dynamic shapes)? 2.11, 2.13: meta["example_value"]."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt) or (isinstance(value, torch.Tensor) and any(
+                not isinstance(s, int) for s in (*value.shape, *value.stride()))):
+            return True
+    return any(isinstance(x, torch.SymInt) for x in example_inputs)

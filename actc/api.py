@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from actc.backend import Session, compile_with_session
+from actc.backend import compile_with_session
 from actc.config import ActcConfig
 from actc.plan import GraphPlan, table, to_json
+from actc.session import Session
 
 
 @dataclass
@@ -53,4 +54,6 @@ def explain(model: torch.nn.Module, *inputs: Any, dynamic: bool | None = None, *
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
         with torch.enable_grad():
             compiled(*inputs)
+            if any(r.forced is not None for r in session.regions.values()):
+                compiled(*inputs)  # a later graph re-planned an earlier one (absolute budget): recompile it
     return Explanation(plans=session.plans)

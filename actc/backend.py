@@ -1,70 +1,72 @@
 """The dynamo backend: ``torch.compile(model, backend="actc", options={...})``.
 
 It is found by name through the ``torch_dynamo_backends`` entry point, so no ``import actc`` is needed.
-Options (or ``ACTC_MEMORY_BUDGET``) become one frozen ``ActcConfig``; Inductor's ``compile_fx`` then runs
-with actc's partitioner, which compresses what the forward saves for the backward.
+Options (or ``ACTC_MEMORY_BUDGET``) become one frozen ``ActcConfig`` and one ``Session`` per
+``torch.compile`` call; each graph dynamo hands over is compiled by Inductor's ``compile_fx`` with actc's
+partitioner, which compresses what the forward saves for the backward.
 
-A session is the state of one ``torch.compile`` call: its config, the plans of the graphs compiled so far,
-and the bytes they use, so that an absolute budget holds across graph breaks.
+Every graph is returned wrapped in a ``CompiledGraph``. When a re-plan changes the bits of its tensors
+(measured sensitivities, or an absolute budget that a later graph needs a share of), the wrapper compiles
+the same graph again with the new plan before its next call: one recompile, and the old compiled function
+is dropped. Graphs with symbolic shapes keep their first plan (a recompile outside dynamo could not add
+the guards it might need).
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
-import os
-import threading
+import time
 from typing import Any, Mapping
 
 import torch
 
 from actc import _torch_compat as compat
 from actc.config import ActcConfig
-from actc.plan import GraphPlan, table, to_json
+from actc.session import Session
 
 log = logging.getLogger("actc")
 
 
-class Session:
-    def __init__(self, config: ActcConfig) -> None:
-        self.config = config
-        self.plans: list[GraphPlan] = []
-        self._charged: dict[str, int] = {}
-        self._warned: set[str] = set()
-        self._lock = threading.Lock()
+class CompiledGraph:
+    """What the backend returns for one dynamo graph: its compiled function, recompiled after a re-plan."""
 
-    def charge(self, key: str, nbytes: int) -> None:
-        with self._lock:
-            self._charged[key] = nbytes
+    def __init__(self, session: Session, gm: torch.fx.GraphModule, example_inputs) -> None:
+        self.session, self.gm, self.example_inputs = session, gm, list(example_inputs)
+        # the graph's inputs, named after their sources in the model: two identical blocks split by a graph
+        # break are two regions, and a dynamo recompile of one block is the same region
+        names = ",".join(str(n.target) for n in gm.graph.find_nodes(op="placeholder"))
+        self.source_key = hashlib.sha1(names.encode()).hexdigest()[:12]
+        self.static = not compat.has_symbolic_inputs(gm, self.example_inputs)
+        self.region = None      # set by the partitioner; None when no backward graph was made (inference)
+        self.version = 0
+        self.fn = self._compile()
+        self._boxed_call = getattr(self.fn, "_boxed_call", False)
 
-    def charged_elsewhere(self, key: str) -> int:
-        with self._lock:
-            return sum(v for k, v in self._charged.items() if k != key)
+    def _compile(self):
+        from actc.passes.partition import ActcPartitioner
 
-    def warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            log.warning(message)
+        return compat.compile_fx(self.gm, self.example_inputs,
+                                 config_patches={"custom_partitioner_fn": ActcPartitioner(self.session, self)})
 
-    def add_plan(self, plan: GraphPlan, key: str) -> None:
-        self.plans.append(plan)
-        log.info(plan.totals())
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("actc plan for graph %d:\n%s", plan.graph, table([plan]))
-        if self.config.dump_dir:
-            _dump(self.config.dump_dir, plan)
+    def __call__(self, *args):
+        self.session.maybe_replan()
+        if self.region is not None and self.region.version != self.version and self.static:
+            self._recompile()
+        return self.fn(*args)
 
-
-def _dump(directory: str, plan: GraphPlan) -> None:
-    os.makedirs(directory, exist_ok=True)
-    stem = os.path.join(directory, f"graph_{plan.graph:03d}")
-    with open(stem + "_plan.txt", "w") as f:
-        f.write(table([plan]) + "\n")
-    with open(stem + "_plan.json", "w") as f:
-        f.write(to_json([plan], include_code=False) + "\n")
-    with open(stem + "_forward.py", "w") as f:
-        f.write(plan.forward_code)
-    with open(stem + "_backward.py", "w") as f:
-        f.write(plan.backward_code)
+    def _recompile(self) -> None:
+        start = time.perf_counter()
+        try:
+            fn = self._compile()  # outside dynamo's context: a fresh fake mode, static shapes, as this graph has
+        except Exception as e:  # keep training with the plan this graph already has
+            self.session.warn_once(f"actc could not recompile graph {self.region.index} with a new plan, "
+                                   f"keeping its current one: {type(e).__name__}: {e}")
+            log.debug("actc recompile failed", exc_info=True)
+            self.region.forced, self.static = None, False
+            self.version = self.region.version
+            return
+        self.fn = fn
+        self.session.recompiled(time.perf_counter() - start)
 
 
 # One session per options dict (a torch.compile call hands the same dict to every graph it compiles),
@@ -84,16 +86,10 @@ def session_for(options: Mapping[str, Any] | None) -> Session:
     return held[1]
 
 
-def compile_with_session(gm: torch.fx.GraphModule, example_inputs, session: Session):
-    from actc.passes.partition import ActcPartitioner
-
-    return compat.compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": ActcPartitioner(session)})
+def compile_with_session(gm: torch.fx.GraphModule, example_inputs, session: Session) -> CompiledGraph:
+    return CompiledGraph(session, gm, example_inputs)
 
 
 def actc_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None, **_: Any):
     """The callable registered as ``backend="actc"``."""
     return compile_with_session(gm, example_inputs, session_for(options))
-
-
-def plans_json(session: Session) -> str:
-    return json.dumps(json.loads(to_json(session.plans)), indent=2)

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Union
 
 ENV_BUDGET = "ACTC_MEMORY_BUDGET"
 BITS = (1, 2, 4, 8)
+ALLOCATIONS = ("adaptive", "static")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 BUDGET_FORMS = "average bits like '2bit' (1 to 8), a fraction of the saved bytes like 0.1 (0 < f <= 1), " \
@@ -98,6 +99,9 @@ class ActcConfig:
     keep_uncompressed: bool = True  # the allocator may leave a tensor uncompressed when the budget allows
     compress_masks: bool = True    # bool masks (ReLU, dropout) packed to exact 1-bit
     dump_dir: str | None = None    # write every graph's plan and rewritten graphs here
+    allocation: str = "adaptive"   # "adaptive": re-plan bits from sensitivities measured in the backward
+    warmup_steps: int = 20         # adaptive: backward passes measured before the first re-plan
+    replan_every: int = 100        # adaptive: backward passes between later re-plans (0: only the first)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "ActcConfig":
@@ -118,7 +122,8 @@ class ActcConfig:
         return cls(**kwargs)
 
     def summary(self) -> str:
-        return f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} min_bytes={self.min_bytes}"
+        return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "
+                f"min_bytes={self.min_bytes} allocation={self.allocation}")
 
 
 def _check(key: str, value: Any) -> Any:
@@ -143,6 +148,14 @@ def _check(key: str, value: Any) -> Any:
     if key in ("keep_uncompressed", "compress_masks"):
         if not isinstance(value, bool):
             raise bad("True or False")
+        return value
+    if key == "allocation":
+        if value not in ALLOCATIONS:
+            raise bad(" or ".join(repr(a) for a in ALLOCATIONS))
+        return value
+    if key in ("warmup_steps", "replan_every"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (key == "warmup_steps"):
+            raise bad("an int >= 1 (backward passes)" if key == "warmup_steps" else "an int >= 0 (0: never again)")
         return value
     if key == "dump_dir":
         if value is not None and not isinstance(value, (str, os.PathLike)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -48,7 +48,7 @@ class Saved:
     consumer: str = ""                  # "linear" when a matmul/conv reads it in the backward, else "other"
     activation: bool = True             # False for primals and parameter-derived tensors: not counted
     dynamic: bool = False
-    extra: dict = field(default_factory=dict)
+    added: bool = False                 # a mask that actc moved into the forward: Inductor did not save it
 
     @property
     def name(self) -> str:
@@ -146,8 +146,13 @@ def consumer_class(bw: fx.GraphModule, names: list[str]) -> str:
 
 
 def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
-                    static_indices: list[int] | None, config: ActcConfig) -> list[Saved]:
-    """One ``Saved`` record per saved tensor storage, in the order the forward returns them."""
+                    static_indices: list[int] | None, config: ActcConfig,
+                    hoisted: frozenset[str] = frozenset()) -> list[Saved]:
+    """One ``Saved`` record per saved tensor storage, in the order the forward returns them.
+
+    ``hoisted``: bool masks that ``hoist_comparisons`` moved into the forward; they are always packed,
+    whatever their size, since they replace the exact comparison of a compressed tensor.
+    """
     outputs = list(fw.graph.find_nodes(op="output")[0].args[0])
     user_outputs = {n for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
     saved = [n for n in outputs[num_fwd_outputs:]
@@ -161,11 +166,11 @@ def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
 
     records = []
     for root, aliases in groups.items():
-        records.append(_classify(root, aliases, chains, user_outputs, params, bw, config))
+        records.append(_classify(root, aliases, chains, user_outputs, params, bw, config, hoisted))
     return records
 
 
-def _classify(root, aliases, chains, user_outputs, params, bw, config) -> Saved:
+def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=frozenset()) -> Saved:
     # A single saved view of an otherwise unsaved root is compressed as itself (fewer bytes than the root).
     if len(aliases) == 1 and aliases[0] is not root and dense_perm(aliases[0].meta["val"]) is not None:
         root = aliases[0]
@@ -204,10 +209,19 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config) -> Saved:
     perm = dense_perm(val)
     if perm is None:
         return skip("not dense in memory")
-    if rec.full_bytes < config.min_bytes:
+    if rec.full_bytes < config.min_bytes and root.name not in hoisted:
         return skip(f"below payoff ({rec.full_bytes} B < min_bytes {config.min_bytes})")
+    if rec.dynamic and kind == "quant":
+        # Inductor guards on "more than one group" when it compiles the quantizer, which would recompile at
+        # that size, and break a user's mark_dynamic(min=...) range: leave such small-at-minimum tensors alone.
+        least = math.prod(compat.lower_bound(s) for s in val.shape)
+        if quant.num_groups(least, config.group_size) < 2:
+            return skip(f"dynamic size can fall to one group ({least} elements)")
     rec.kind, rec.perm = kind, perm
     rec.consumer = consumer_class(bw, [a.name for a in aliases])
     if len(aliases) > 1 or aliases[0] is not root:
         rec.reason = "root of " + ", ".join("%" + a.name for a in aliases if a is not root)
+    elif root.name in hoisted:
+        rec.added = True
+        rec.reason = f"exact {op_name(root)} of %{root.args[0].name}, moved from the backward"
     return rec

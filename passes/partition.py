@@ -1,7 +1,8 @@
 """The custom partitioner: Inductor's min-cut partition, then compression of what it saves.
 
     joint graph ─ min_cut_rematerialization_partition ─▶ (fw, bw)        stock; applies activation_memory_budget
-                └ find_candidates ─▶ allocate (bits under the budget) ─▶ rewrite(fw, bw) ─▶ (fw', bw')
+                └ find_candidates ─▶ hoist_comparisons ─▶ allocate (bits under the session's budget)
+                  ─▶ rewrite(fw, bw) ─▶ insert_statistics(bw) (adaptive) ─▶ (fw', bw')
 
 If anything in actc fails, the stock partition is returned and the error is logged once: training
 never stops because of actc.
@@ -10,17 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from typing import Any
 
 import torch.fx as fx
 
 from actc import _torch_compat as compat
-from actc.config import AverageBits, Bytes, Fraction
 from actc.kernels import quant
 from actc.passes import allocate as alloc
 from actc.passes.candidates import Saved, find_candidates
+from actc.passes.hoist import find_comparisons, hoist_comparisons
 from actc.passes.rewrite import Decision, rewrite, trace_pair
+from actc.passes.sensitivity import insert_statistics
 from actc.plan import GraphPlan, TensorPlan
 
 log = logging.getLogger("actc")
@@ -35,59 +38,76 @@ def _source_files() -> tuple[str, ...]:
 
 
 class ActcPartitioner(compat.CustomPartitionerFn):
-    """``torch._inductor.config.custom_partitioner_fn`` for one actc session (one torch.compile call)."""
+    """``torch._inductor.config.custom_partitioner_fn`` for one graph of one actc session."""
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, graph=None) -> None:
         self.session = session
+        self.graph = graph  # the backend's CompiledGraph: where the region found here is recorded
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any):
         fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        key = _graph_key(fw)
+        key = _graph_key(fw, self.graph)
+        static = self.graph is None or self.graph.static
         try:
-            plan = compress(fw, bw, kwargs["num_fwd_outputs"], kwargs.get("static_lifetime_input_indices"),
-                            self.session, key)
+            region, plan = compress(fw, bw, kwargs["num_fwd_outputs"], kwargs.get("static_lifetime_input_indices"),
+                                    self.session, key, static)
         except Exception as e:  # never break a training step: fall back to the stock partition
             self.session.warn_once(f"actc left a graph uncompressed after an internal error: {type(e).__name__}: {e}")
             log.debug("actc fallback", exc_info=True)
             fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-            plan = GraphPlan(graph=len(self.session.plans), budget=str(self.session.config.memory_budget),
+            region = self.session.region(key, [], 0, 0, replannable=False)
+            region.forced = None
+            plan = GraphPlan(graph=region.index, budget=str(self.session.config.memory_budget),
                              budget_bytes=0, feasible=True, error=f"{type(e).__name__}: {e}")
+        if self.graph is not None:
+            self.graph.region, self.graph.version = region, region.version
         plan.forward_code, plan.backward_code = fw.code, bw.code
-        self.session.add_plan(plan, key)
+        self.session.add_plan(region, plan)
         return fw, bw
 
     def __deepcopy__(self, memo):  # Inductor deep-copies its config; the session must stay shared
         return self
 
     def uuid(self) -> str:
-        # The FX graph cache must never serve a graph compiled under other options or other actc code.
-        return compat.get_hash_for_files(_source_files(), repr(self.session.config)).hex()
+        # The compile caches must never serve a graph compiled under other options, other actc code, or
+        # (absolute budgets, adaptive allocation) another session's plan or statistics buffers.
+        region = self.graph.region if self.graph is not None else None
+        salt = self.session.cache_salt(region)
+        return compat.get_hash_for_files(_source_files(), repr(self.session.config) + salt).hex()
 
 
-def _graph_key(fw: fx.GraphModule) -> str:
+def _graph_key(fw: fx.GraphModule, graph) -> str:
     """The same model region compiled again (a recompile) gets the same key, so budgets are not counted twice."""
     ops = ",".join(str(n.target) for n in fw.graph.nodes if n.op == "call_function")
-    return hashlib.sha1(ops.encode()).hexdigest()[:16]
+    source = graph.source_key if graph is not None else ""
+    return source + ":" + hashlib.sha1(ops.encode()).hexdigest()[:16]
 
 
-def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, static_indices, session, key: str) -> GraphPlan:
+def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, static_indices, session, key: str,
+             static: bool = True):
+    """Find, allocate and rewrite; returns the session's region for this graph and its plan."""
     config = session.config
     records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config)
     quants = [r for r in records if r.kind == "quant"]
-    cands = [_candidate(r, config) for r in quants]
+    cands = [_candidate(r, config, _mask_bytes(fw, bw, r) if config.compress_masks else 0) for r in quants]
     fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
                 for r in records if r.kind != "quant" and r.activation)
-    budget = _budget_bytes(config.memory_budget, cands, records, fixed, session, key)
-    result = alloc.allocate(cands, max(budget, 0), allowed_bits=config.bits, allow_full=config.keep_uncompressed)
-    feasible = result.feasible and budget >= 0
+    activation = sum(r.full_bytes for r in records if r.activation)
+    region = session.region(key, cands, fixed, activation, replannable=static)
+    bits_by_name, feasible, budget = session.plan_bits(region)
+    compressed = {a.name for r in quants if bits_by_name[r.name] != r.dtype.itemsize * 8 for a in r.aliases}
+    if config.compress_masks and compressed:  # masks the backward recomputes from what is now quantized
+        hoisted = hoist_comparisons(fw, bw, num_fwd_outputs, compressed)
+        if hoisted:
+            records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, frozenset(hoisted))
     if not feasible:
         need = fixed + sum(min(c.bytes_at_bits[b] for b in config.bits if b in c.bytes_at_bits) for c in cands)
-        session.warn_once(f"actc: memory budget {config.memory_budget} ({budget + fixed} B for graph {len(session.plans)}) "
+        session.warn_once(f"actc: memory budget {config.memory_budget} ({budget + fixed} B for graph {region.index}) "
                           f"cannot be met even at {min(config.bits)} bit (needs {need} B); using the tightest plan")
 
     decisions, tensors = [], []
     for r in records:
-        bits = result.bits.get(r.name) if r.kind == "quant" else 1 if r.kind == "mask" else None
+        bits = bits_by_name.get(r.name) if r.kind == "quant" else 1 if r.kind == "mask" else None
         full_bits = r.dtype.itemsize * 8
         kept = r.kind == "quant" and bits == full_bits
         if r.kind in ("quant", "mask") and not kept:
@@ -98,31 +118,34 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
             except Exception as e:  # this tensor stays as it is; the rest of the graph is still compressed
                 session.warn_once(f"actc left %{r.name} ({r.producer}) uncompressed: {type(e).__name__}: {e}")
                 r.kind, r.reason = "skip", f"not handled: {type(e).__name__}"
+                if r.name in bits_by_name:
+                    bits_by_name = {**bits_by_name, r.name: full_bits}
         tensors.append(_tensor_plan(r, bits, kept, config, cands))
     rewrite(fw, bw, decisions, num_fwd_outputs)
-    plan = GraphPlan(graph=len(session.plans), budget=str(config.memory_budget), budget_bytes=budget + fixed,
+    if config.allocation == "adaptive" and static:
+        region.stat_names = insert_statistics(bw, decisions, session.id, key)
+    region.bits, region.forced = dict(bits_by_name), None
+    plan = GraphPlan(graph=region.index, budget=str(config.memory_budget), budget_bytes=budget + fixed,
                      feasible=feasible, tensors=tensors)
-    session.charge(key, plan.bytes_after)
-    return plan
+    return region, plan
 
 
-def _candidate(r: Saved, config) -> "alloc.Candidate":
+def _mask_bytes(fw: fx.GraphModule, bw: fx.GraphModule, r: Saved) -> int:
+    """Bytes of the exact masks that compressing ``r`` moves into the forward (passes/hoist.py)."""
+    found = find_comparisons(fw, bw, [a.name for a in r.aliases])
+    return sum(quant.mask_bytes(math.prod(compat.upper_bound(s) for s in cmps[0].meta["val"].shape))
+               for cmps in found.values())
+
+
+def _candidate(r: Saved, config, mask_bytes: int = 0) -> "alloc.Candidate":
     full_bits = r.dtype.itemsize * 8
-    sizes = {b: quant.compressed_bytes(r.numel, b, config.group_size, r.dtype) for b in config.bits}
+    # a compressed width also pays for the masks its compression moves into the forward
+    sizes = {b: quant.compressed_bytes(r.numel, b, config.group_size, r.dtype) + mask_bytes for b in config.bits}
     sizes[full_bits] = r.full_bytes
     # Default sensitivity: every element's rounding noise adds (range^2 / (2^b-1)^2)-proportional variance to
-    # the gradient it feeds, so the weight is the element count. Measured weights replace it (a later pass).
+    # the gradient it feeds, so the weight is the element count. Adaptive allocation replaces it with the
+    # weight measured in the backward (passes/sensitivity.py, actc/session.py).
     return alloc.Candidate(id=r.name, bytes_at_bits=sizes, weight=float(r.numel), full_bits=full_bits)
-
-
-def _budget_bytes(budget, cands, records, fixed, session, key) -> int:
-    """Bytes the allocator may give the quantizable tensors of this graph."""
-    if isinstance(budget, AverageBits):
-        return alloc.budget_for_average_bits(cands, budget.bits) if cands else 0
-    if isinstance(budget, Fraction):
-        return int(budget.fraction * sum(r.full_bytes for r in records if r.activation)) - fixed
-    assert isinstance(budget, Bytes)
-    return budget.nbytes - session.charged_elsewhere(key) - fixed
 
 
 def _tensor_plan(r: Saved, bits, kept: bool, config, cands) -> TensorPlan:
@@ -138,5 +161,5 @@ def _tensor_plan(r: Saved, bits, kept: bool, config, cands) -> TensorPlan:
     weight = next((c.weight for c in cands if c.id == r.name), 0.0)
     return TensorPlan(name=r.name, shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""),
                       producer=r.producer, kind=kind, bits=bits if kind in ("quant", "mask") else None,
-                      bytes_before=r.full_bytes, bytes_after=after, reason=reason, consumer=r.consumer, weight=weight,
+                      bytes_before=0 if r.added else r.full_bytes, bytes_after=after, reason=reason, consumer=r.consumer, weight=weight,
                       activation=r.activation)

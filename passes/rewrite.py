@@ -30,6 +30,7 @@ import torch.fx as fx
 from actc import _torch_compat as compat
 from actc.kernels import quant
 from actc.passes.candidates import Saved, alias_chain
+from actc.passes.hoist import renumber_saved_descs
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Decision:
     group: int
     quantize_gm: fx.GraphModule | None = None     # filled by trace_pair
     dequantize_gm: fx.GraphModule | None = None
+    bw_parts: list[fx.Node] | None = None          # filled by rewrite: the backward's placeholders (codes, meta)
+    bw_values: list[fx.Node] | None = None         # and the restored tensor with its replayed views
 
 
 def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], num_fwd_outputs: int) -> None:
@@ -98,18 +101,17 @@ def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], n
         first_user = min((u for p in old_ph for u in p.users), key=_order(bw), default=None)
         anchor = first_user if first_user is not None else bw.graph.find_nodes(op="output")[0]
         restored = _insert_dequantize(bw, anchor, parts, dims, d)
-        for alias, ph in zip([outputs_alias for outputs_alias in _aliases_in_slot_order(aliases, old_ph)], old_ph):
+        d.bw_parts, d.bw_values = parts, [restored]
+        for alias, ph in zip(_aliases_in_slot_order(aliases, old_ph), old_ph):
             value = _replay_views(bw, anchor, root, alias, restored)
             ph.replace_all_uses_with(value)
             bw.graph.erase_node(ph)
+            if value is not restored:
+                d.bw_values.append(value)
 
     outputs.extend(new_syms)
-    if descs is not None and compat.SavedForBackwardsAOTOutput is not None:
-        saved_descs = [type(x)(i) if hasattr(x, "idx") else compat.SavedForBackwardsAOTOutput(i)
-                       for i, x in enumerate(descs[num_fwd_outputs:])]
-        saved_descs += [compat.SavedForBackwardsAOTOutput(len(saved_descs) + i) for i in range(len(new_syms))]
-        out.meta["desc"] = descs[:num_fwd_outputs] + saved_descs
     out.args = (tuple(outputs),)
+    renumber_saved_descs(out, num_fwd_outputs)
     fw.graph.eliminate_dead_code()
     compat.replace_random(fw)
     for node in bw.graph.nodes:

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import actc
-from actc.backend import Session
+from actc.session import Session
 from actc.config import ActcConfig
 from actc.kernels import quant
 from actc.models import TinyGPT
@@ -128,11 +128,17 @@ def test_payoff_threshold_and_integer_tensors():
     assert any("below payoff" in t.reason for t in tensors.values())
 
 
-def test_uuid_covers_options():
-    a = ActcPartitioner(Session(ActcConfig.from_options({"memory_budget": "2bit"}))).uuid()
-    b = ActcPartitioner(Session(ActcConfig.from_options({"memory_budget": "4bit"}))).uuid()
-    c = ActcPartitioner(Session(ActcConfig.from_options({"memory_budget": "2bit"}))).uuid()
-    assert a != b and a == c
+def test_uuid_covers_options_and_session_state():
+    def uuid(**options):
+        return ActcPartitioner(Session(ActcConfig.from_options(options, env={}))).uuid()
+
+    # static allocation under a scale-free budget: a graph's plan depends only on the options and the code
+    assert uuid(memory_budget="2bit", allocation="static") == uuid(memory_budget="2bit", allocation="static")
+    assert uuid(memory_budget="2bit", allocation="static") != uuid(memory_budget="4bit", allocation="static")
+    # an absolute budget is shared with the session's other graphs, and adaptive graphs feed the session's
+    # statistics: a cached artifact from another session must never be served
+    assert uuid(memory_budget="1MB", allocation="static") != uuid(memory_budget="1MB", allocation="static")
+    assert uuid(memory_budget="2bit") != uuid(memory_budget="2bit")
 
 
 def test_internal_error_falls_back_and_training_continues(monkeypatch, caplog):

@@ -1,0 +1,140 @@
+"""Measure, in the backward, how much each compressed tensor's rounding noise adds to the gradient variance.
+
+Derivation. Stochastic rounding of a tensor X to b bits stores X̂ = X + E, with independent, zero-mean
+errors; an element of group g has Var(E) = s_g² p(1-p) ≤ s_g²/4, s_g = range_g / (2^b - 1) its step, so
+on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
+
+* Linear consumer (mm, bmm, convolution_backward reading X̂ for a weight gradient): dW = Gᵀ X̂ (the same
+  for convolutions, over the window positions). Each element of dW sums products G_ik X̂_ij over the
+  contraction index i, so the noise adds Σ_kj Σ_i G_ik² Var(E_ij) to the summed variance of dW. If the
+  gradient's row norms are uncorrelated with the groups' ranges, this is
+      Var = A · R · c / (2^b - 1)²,   A = ‖G‖² · fan_in / numel(X),   R = group · Σ_g range_g²
+  with fan_in the number of X elements each gradient element meets (the weight's size over its output
+  features: X's other dimension for a matmul, C_in · kernel area for a convolution). A is a gradient
+  factor, R the tensor's summed squared range (R / numel is its mean range² per element).
+* Any other consumer (an elementwise backward such as GELU's, attention): the noise goes through a local
+  derivative we do not model. R is still measured; the gradient factor is taken as the median A of the
+  tensors measured in the same session ("fall back to numel": a tensor of average range gets numel · A).
+
+The allocator's proxy is weight / (2^b - 1)², so weight = A · R (the constant c drops out of the argmin).
+The defaults (weight = numel) are the same formula with A = 1 and a unit range.
+
+Cost. For each compressed tensor, two reductions: ‖G‖² of a gradient the consumer reads anyway, inserted
+right after the consumer so no tensor lives longer, and Σ range² from the per-group metadata the
+dequantize reads. The rows are stacked into one [n, 2] tensor and handed to ``actc::observe``, which adds
+it to the session's buffer on the device: no host sync, no extra forward or backward pass.
+
+Before → after (backward):
+    mm_1 = aten.mm(permute_3, view_4)                  mm_1 = aten.mm(permute_3, view_4)
+                                                       stat = <stack(sum(permute_3²)·fan_in/numel,
+                                                                     group·sum((meta[:,1]·levels)²))>
+    ...                                                ...
+    return (...)                                       actc.observe(stack([stat, ...]), session, key)
+                                                       return (...)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from actc import _torch_compat as compat
+from actc.passes.candidates import is_view, op_name
+from actc.passes.rewrite import Decision, _inline, _order
+
+
+@torch.library.custom_op("actc::observe", mutates_args=("stats",))
+def observe_op(stats: torch.Tensor, session: int, key: str) -> None:
+    """Add ``stats`` to the statistics buffer of region ``key`` of session ``session`` (a device add).
+
+    Declared as mutating ``stats`` so that no graph pass removes it as dead code; it does not write it."""
+    from actc.session import observe
+
+    observe(session, key, stats)
+
+
+@observe_op.register_fake
+def _(stats, session, key) -> None:
+    return None
+
+
+def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id: int, key: str) -> list[str]:
+    """Add the statistics of every quantized tensor to ``bw``; returns the tensor names, one per row."""
+    rows, names = [], []
+    order = _order(bw)
+    for d in decisions:
+        if d.saved.kind != "quant" or not d.bw_parts or not d.bw_values:
+            continue
+        meta = d.bw_parts[1]
+        levels, group, numel = (1 << d.bits) - 1, d.group, d.saved.numel
+        found = linear_consumer(d.bw_values)
+        if found is not None:
+            consumer, grad, fan_in = found
+            traced = compat.trace(_linear_statistic(fan_in / numel, group, levels), grad.meta["val"], meta.meta["val"])
+            (row,) = _inline(bw.graph, consumer.next, traced, [grad, meta])
+        else:
+            def statistic(m):
+                r = group * (m[:, 1].float() * levels).square().sum()
+                return torch.stack([r * 0 - 1, r])  # A = -1: no gradient factor measured
+
+            first_reader = min(meta.users, key=order)
+            traced = compat.trace(statistic, meta.meta["val"])
+            (row,) = _inline(bw.graph, first_reader, traced, [meta])
+        rows.append(row)
+        names.append(d.saved.name)
+    if not rows:
+        return []
+    out = bw.graph.find_nodes(op="output")[0]
+    traced = compat.trace(lambda *r: torch.stack(r), *[r.meta["val"] for r in rows])
+    (stacked,) = _inline(bw.graph, out, traced, rows)
+    with bw.graph.inserting_before(out):
+        call = bw.graph.call_function(torch.ops.actc.observe.default, (stacked, session_id, key))
+    call.meta["val"] = None
+    bw.graph.lint()
+    bw.recompile()
+    return names
+
+
+def _linear_statistic(per_element: float, group: int, levels: int):
+    def statistic(g, m):
+        a = g.float().square().sum() * per_element
+        return torch.stack([a, group * (m[:, 1].float() * levels).square().sum()])
+    return statistic
+
+
+def linear_consumer(values: list[fx.Node]):
+    """(consumer, gradient operand, fan_in) for the first weight-gradient op reading ``values`` (through
+    views) in the backward, or None."""
+    reach, frontier = set(values), list(values)
+    while frontier:
+        node = frontier.pop(0)
+        for user in node.users:
+            if user in reach:
+                continue
+            if is_view(user):
+                reach.add(user)
+                frontier.append(user)
+                continue
+            found = _operands(user, reach)
+            if found is not None:
+                return (user, *found)
+    return None
+
+
+def _operands(user: fx.Node, reach: set):
+    name, args = op_name(user), user.args
+    shape = lambda n: n.meta["val"].shape  # noqa: E731
+    if name in ("mm", "bmm") and (args[0] in reach) != (args[1] in reach):
+        x_first = args[0] in reach
+        lead = 1 if name == "bmm" else 0
+        fan_in = shape(args[0])[lead] if x_first else shape(args[1])[lead + 1]
+        return (args[1] if x_first else args[0]), _int(fan_in)
+    if name == "convolution_backward" and args[1] in reach and args[0] not in reach:
+        weight = shape(args[2])
+        return args[0], _int(math.prod(weight) // weight[0])
+    return None
+
+
+def _int(x) -> int:
+    return x if isinstance(x, int) else compat.hint(x)
