@@ -98,7 +98,7 @@ def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], n
             parts = [bw.graph.placeholder(p.name) for p in fw_parts]
         for ph, p in zip(parts, fw_parts):
             ph.meta["val"] = p.meta["val"]
-        first_user = min((u for p in old_ph for u in p.users), key=_order(bw), default=None)
+        first_user = min((u for p in old_ph for u in p.users), key=node_order(bw), default=None)
         anchor = first_user if first_user is not None else bw.graph.find_nodes(op="output")[0]
         restored = _insert_dequantize(bw, anchor, parts, dims, d)
         d.bw_parts, d.bw_values = parts, [restored]
@@ -127,7 +127,7 @@ def _is_sym(node) -> bool:
     return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool, torch.SymFloat))
 
 
-def _order(graph_module: fx.GraphModule):
+def node_order(graph_module: fx.GraphModule):
     index = {n: i for i, n in enumerate(graph_module.graph.nodes)}
     return lambda n: index[n]
 
@@ -137,7 +137,7 @@ def _aliases_in_slot_order(aliases, old_ph):
     return [by_name[p.name] for p in old_ph]
 
 
-def _inline(graph: fx.Graph, before: fx.Node, traced: fx.GraphModule, args: list) -> list[fx.Node]:
+def inline(graph: fx.Graph, before: fx.Node, traced: fx.GraphModule, args: list) -> list[fx.Node]:
     """Copy ``traced`` into ``graph`` before ``before``, its placeholders bound to ``args``."""
     env: dict[fx.Node, object] = {}
     placeholders = traced.graph.find_nodes(op="placeholder")
@@ -195,7 +195,7 @@ def trace_pair(d: Decision) -> None:
 
 def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision) -> list[fx.Node]:
     suffixes = ["bits"] if d.saved.kind == "mask" else ["codes", "meta"]
-    parts = _inline(fw.graph, root.next, d.quantize_gm, [root])
+    parts = inline(fw.graph, root.next, d.quantize_gm, [root])
     for part, suffix in zip(parts, suffixes):
         part.name = fw.graph._graph_namespace.create_name(f"{root.name}_{suffix}", None)
     return parts
@@ -203,7 +203,7 @@ def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision) -> list[fx.
 
 def _insert_dequantize(bw: fx.GraphModule, before: fx.Node, parts: list[fx.Node], dims: list, d: Decision) -> fx.Node:
     sym_nodes = [s for s in dims if not isinstance(s, int)]
-    (restored,) = _inline(bw.graph, before, d.dequantize_gm, [*parts, *sym_nodes])
+    (restored,) = inline(bw.graph, before, d.dequantize_gm, [*parts, *sym_nodes])
     return restored
 
 

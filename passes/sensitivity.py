@@ -41,7 +41,7 @@ import torch.fx as fx
 
 from actc import _torch_compat as compat
 from actc.passes.candidates import is_view, op_name
-from actc.passes.rewrite import Decision, _inline, _order
+from actc.passes.rewrite import Decision, inline, node_order
 
 
 @torch.library.custom_op("actc::observe", mutates_args=("stats",))
@@ -62,7 +62,7 @@ def _(stats, session, key) -> None:
 def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id: int, key: str) -> list[str]:
     """Add the statistics of every quantized tensor to ``bw``; returns the tensor names, one per row."""
     rows, names = [], []
-    order = _order(bw)
+    order = node_order(bw)
     for d in decisions:
         if d.saved.kind != "quant" or not d.bw_parts or not d.bw_values:
             continue
@@ -72,7 +72,7 @@ def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id:
         if found is not None:
             consumer, grad, fan_in = found
             traced = compat.trace(_linear_statistic(fan_in / numel, group, levels), grad.meta["val"], meta.meta["val"])
-            (row,) = _inline(bw.graph, consumer.next, traced, [grad, meta])
+            (row,) = inline(bw.graph, consumer.next, traced, [grad, meta])
         else:
             def statistic(m):
                 r = group * (m[:, 1].float() * levels).square().sum()
@@ -80,14 +80,14 @@ def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id:
 
             first_reader = min(meta.users, key=order)
             traced = compat.trace(statistic, meta.meta["val"])
-            (row,) = _inline(bw.graph, first_reader, traced, [meta])
+            (row,) = inline(bw.graph, first_reader, traced, [meta])
         rows.append(row)
         names.append(d.saved.name)
     if not rows:
         return []
     out = bw.graph.find_nodes(op="output")[0]
     traced = compat.trace(lambda *r: torch.stack(r), *[r.meta["val"] for r in rows])
-    (stacked,) = _inline(bw.graph, out, traced, rows)
+    (stacked,) = inline(bw.graph, out, traced, rows)
     with bw.graph.inserting_before(out):
         call = bw.graph.call_function(torch.ops.actc.observe.default, (stacked, session_id, key))
     call.meta["val"] = None
