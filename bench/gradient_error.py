@@ -1,0 +1,204 @@
+"""Gradient error of compressed activations: bias and variance of actc's gradient, per bit-width and per layer.
+
+One fixed batch, fixed weights. The exact gradient is eager fp32 (no compression). For each mode the model is
+compiled once and its gradient drawn ``--draws`` times (torch.manual_seed(i) before draw i, so the stochastic
+rounding differs between draws and is reproducible). Per layer (parameters grouped by module) and for the
+whole model, with g the exact gradient, m the mean of the draws and v the per-element variance of the draws:
+
+  rel bias   |m - g| / |g|: the error left after averaging. Even an unbiased estimator keeps
+  floor      sqrt(sum(v) / draws) / |g|, what rel bias is expected to be for an unbiased estimator; so
+  excess     sqrt(max(0, bias^2 - floor^2)): the part of the bias that noise does not explain
+  rel var    sum(v) / |g|^2: one draw's squared error relative to the gradient (variance per bit-width/layer)
+
+Default modes give every compressed tensor one width ("actc Nbit only"), or let the allocator mix widths at 2 bits
+on average: "static" (every element weighs the same) or "adaptive once" (bits re-planned once from measured
+sensitivities; the warmup_steps backward passes before that re-plan run first and are not counted). actc's
+default adaptive allocation also re-plans every 100 passes, which would mix plans inside the draws. Models: TinyGPT (GELU, whose backward is not linear in the saved input, so a
+small bias is expected there) and ConvNet (conv/BN/ReLU), both without dropout. Inductor's caches are
+disabled (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, unless already set) so actc's partitioner always runs.
+
+    python bench/gradient_error.py [--models tinygpt,convnet] [--modes "actc 2bit only,actc 2bit static"]
+                                   [--draws 256] [--threads 1] [--out results]
+
+Prints the tables and writes <out>/<device-tag>/gradient_error.csv and gradient_error.png.
+tests/test_gradient_error.py checks the bias bound on a small ReLU network with ``measure``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import common
+from actc.models import ConvNet, TinyGPT, copy_task
+
+DEFAULT_MODES = ["actc 8bit only", "actc 4bit only", "actc 2bit only", "actc 1bit only", "actc 2bit static",
+                 "actc 2bit adaptive once"]
+WHOLE = "(all)"
+FIELDS = ("device", "model", "mode", "layer", "numel", "draws", "rel_bias", "floor", "excess", "rel_var")
+
+
+def tinygpt_case():
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=128, width=128, layers=2, heads=4, context=64)
+    return model, copy_task(16, 64, 128, torch.Generator().manual_seed(1))
+
+
+def convnet_case():
+    torch.manual_seed(0)
+    model = ConvNet(channels=16, classes=10, in_channels=1, dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    return model, (torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+
+
+MODELS = {"tinygpt": tinygpt_case, "convnet": convnet_case}
+
+
+@dataclass
+class Stats:
+    numel: int
+    draws: int
+    rel_bias: float
+    floor: float
+    excess: float
+    rel_var: float
+
+
+def layer_of(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().double().reshape(-1).clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def stats(exact: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor, n: int) -> Stats:
+    mean = total / n
+    var = (total_sq / n - mean.square()).clamp_min(0) * n / (n - 1)  # per element, unbiased
+    norm2 = exact.square().sum().item()
+    scale = norm2 if norm2 > 0 else float("nan")
+    bias2 = (mean - exact).square().sum().item() / scale
+    floor2 = var.sum().item() / n / scale
+    return Stats(numel=exact.numel(), draws=n, rel_bias=math.sqrt(bias2), floor=math.sqrt(floor2),
+                 excess=math.sqrt(max(0.0, bias2 - floor2)), rel_var=var.sum().item() / scale)
+
+
+def measure(model: torch.nn.Module, batch: tuple, mode: dict, draws: int = 256,
+            layer: Callable[[str], str] = layer_of) -> dict[str, Stats]:
+    """Stats of ``mode``'s gradient over ``draws`` seeded draws against eager fp32, per layer and ``WHOLE``.
+
+    ``batch`` is (inputs..., target); the loss is the cross-entropy of the model's output (common.LossOf)."""
+    model.train()
+    wrapped = common.LossOf(model, "logits")
+    model.zero_grad(set_to_none=True)
+    wrapped(*batch).backward()
+    exact = grads(model)
+    total = {n: torch.zeros_like(g) for n, g in exact.items()}
+    total_sq = {n: torch.zeros_like(g) for n, g in exact.items()}
+    with common.mode_config(mode), common.actc_warnings() as warned:
+        fn = common.compile_for(wrapped, mode)
+        for i in range(common.replan_after(mode) + 1 if common.replan_after(mode) else 0):
+            model.zero_grad(set_to_none=True)  # an adaptive plan settles first (warm-up draws, not counted)
+            torch.manual_seed(10**6 + i)
+            fn(*batch).backward()
+        for i in range(draws):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(i)
+            fn(*batch).backward()
+            for n, g in grads(model).items():
+                total[n] += g
+                total_sq[n] += g.square()
+    torch._dynamo.reset()
+    for w in warned:
+        print(f"  actc warned: {w}")
+    groups: dict[str, list[str]] = {WHOLE: list(exact)}
+    for n in exact:
+        groups.setdefault(layer(n), []).append(n)
+    cat = lambda d, names: torch.cat([d[n] for n in names])  # noqa: E731
+    return {k: stats(cat(exact, names), cat(total, names), cat(total_sq, names), draws) for k, names in groups.items()}
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Per model: relative variance per layer and mode (log), and whole-model bias against its noise floor."""
+    plt = common.pyplot()
+    if plt is None:
+        return
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(14, 4.2 * len(models)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1]})
+    for (ax_var, ax_bias), model in zip(axes, models):
+        rs = [r for r in rows if r["model"] == model]
+        modes = list(dict.fromkeys(r["mode"] for r in rs))
+        layers = [lay for lay in dict.fromkeys(r["layer"] for r in rs) if lay != WHOLE]
+        width = 0.8 / len(modes)
+        for j, mode in enumerate(modes):
+            by = {r["layer"]: r for r in rs if r["mode"] == mode}
+            ax_var.bar([i + j * width for i in range(len(layers))],
+                       [by[lay]["rel_var"] if lay in by else 0 for lay in layers], width, label=mode)
+            whole = by.get(WHOLE)
+            if whole:
+                ax_bias.bar(j - 0.2, whole["rel_bias"], 0.4, color=f"C{j}")
+                ax_bias.bar(j + 0.2, whole["floor"], 0.4, color=f"C{j}", alpha=0.35)
+        ax_var.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], layers, rotation=60, ha="right", fontsize=7)
+        ax_var.set_yscale("log")
+        ax_var.set_title(f"{model}: relative gradient variance per layer (one draw)", fontsize=9)
+        ax_var.legend(fontsize=7)
+        ax_bias.set_xticks(range(len(modes)), modes, rotation=60, ha="right", fontsize=7)
+        ax_bias.set_yscale("log")
+        ax_bias.set_title(f"{model}: rel bias (solid) vs noise floor (pale)", fontsize=9)
+        for ax in (ax_var, ax_bias):
+            ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated from {list(MODELS)}")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated names from common.MODES")
+    p.add_argument("--draws", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(common.REPO / "results"), help="files go to OUT/<device-tag>/")
+    args = p.parse_args(argv)
+    common.disable_inductor_caches()
+    torch.set_num_threads(args.threads)
+    modes = common.select_modes(args.modes)
+    tag = common.device_tag(torch.device("cpu"))
+    print(f"gradient_error on {common.machine()}; {args.draws} draws a mode")
+    rows = []
+    for model_name, case in common.select_names(MODELS, args.models).items():
+        for mode_name, mode in modes.items():
+            print(f"{model_name} / {mode_name} ...", flush=True)
+            model, batch = case()
+            for layer, s in measure(model, batch, mode, args.draws).items():
+                rows.append(dict(device=tag, model=model_name, mode=mode_name, layer=layer, **asdict(s)))
+    out = Path(args.out) / tag
+    rows = common.merge_csv(out / "gradient_error.csv", rows, ("model", "mode", "layer"))
+    print("\nwhole model (relative to |exact gradient|):")
+    common.print_table([r for r in rows if r["layer"] == WHOLE],
+                       [("model", "model", ""), ("mode", "mode", ""), ("draws", "draws", "d"), ("rel bias", "rel_bias", ".3e"),
+                        ("floor", "floor", ".3e"), ("excess", "excess", ".3e"), ("rel var", "rel_var", ".3e")])
+    for model_name in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model_name and r["layer"] != WHOLE]
+        names = list(dict.fromkeys(r["mode"] for r in rs))
+        table = {}
+        for r in rs:
+            table.setdefault(r["layer"], dict(layer=r["layer"], numel=r["numel"]))[r["mode"]] = r["rel_var"]
+        print(f"\n{model_name}: relative gradient variance per layer (sum of element variances / |exact|^2)")
+        common.print_table(list(table.values()), [("layer", "layer", ""), ("numel", "numel", "d")]
+                           + [(m.replace("actc ", ""), m, ".2e") for m in names])
+    common.write_csv(rows, out / "gradient_error.csv", FIELDS)
+    plot(rows, out / "gradient_error.png", f"gradient error of compressed activations; {common.machine()}")
+    print(f"\nwrote {out / 'gradient_error.csv'} and {out / 'gradient_error.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
