@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import torch._functorch.config  # noqa: F401  (mode_config patches these before anything compiles)
+import torch._inductor.config  # noqa: F401
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -43,6 +45,8 @@ MODES: dict[str, dict[str, Any]] = {
     "actc 2bit + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit"}, recompute=0.3),
     # actc's default allocation is "adaptive" (re-plans from measured sensitivities); "static" never re-plans
     "actc 2bit static": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static"}),
+    "actc 2bit static + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static"},
+                                             recompute=0.3),
     "actc 2bit adaptive once": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
                                                              "replan_every": 0}),  # one re-plan, then fixed
     # one width for every compressed tensor (the allocator has a single choice, so nothing to re-plan)

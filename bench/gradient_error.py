@@ -10,10 +10,12 @@ whole model, with g the exact gradient, m the mean of the draws and v the per-el
   excess     sqrt(max(0, bias^2 - floor^2)): the part of the bias that noise does not explain
   rel var    sum(v) / |g|^2: one draw's squared error relative to the gradient (variance per bit-width/layer)
 
-Default modes give every compressed tensor one width ("actc Nbit only"), or let the allocator mix widths at 2 bits
+"inductor" (no compression) shows what compiling alone changes against eager. The other default modes give
+every compressed tensor one width ("actc Nbit only"), or let the allocator mix widths at 2 bits
 on average: "static" (every element weighs the same) or "adaptive once" (bits re-planned once from measured
-sensitivities; the warmup_steps backward passes before that re-plan run first and are not counted). actc's
-default adaptive allocation also re-plans every 100 passes, which would mix plans inside the draws. Models: TinyGPT (GELU, whose backward is not linear in the saved input, so a
+sensitivities; the warmup_steps backward passes before that re-plan run first and are not counted), and
+"static + recompute 0.3" with Inductor's recompute budget. actc's default adaptive allocation also re-plans every
+100 passes, which would mix plans inside the draws. Models: TinyGPT (GELU, whose backward is not linear in the saved input, so a
 small bias is expected there) and ConvNet (conv/BN/ReLU), both without dropout. Inductor's caches are
 disabled (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, unless already set) so actc's partitioner always runs.
 
@@ -37,8 +39,8 @@ import torch
 import common
 from actc.models import ConvNet, TinyGPT, copy_task
 
-DEFAULT_MODES = ["actc 8bit only", "actc 4bit only", "actc 2bit only", "actc 1bit only", "actc 2bit static",
-                 "actc 2bit adaptive once"]
+DEFAULT_MODES = ["inductor", "actc 8bit only", "actc 4bit only", "actc 2bit only", "actc 1bit only", "actc 2bit static",
+                 "actc 2bit adaptive once", "actc 2bit static + recompute 0.3"]
 WHOLE = "(all)"
 FIELDS = ("device", "model", "mode", "layer", "numel", "draws", "rel_bias", "floor", "excess", "rel_var")
 
@@ -139,11 +141,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         for j, mode in enumerate(modes):
             by = {r["layer"]: r for r in rs if r["mode"] == mode}
             ax_var.bar([i + j * width for i in range(len(layers))],
-                       [by[lay]["rel_var"] if lay in by else 0 for lay in layers], width, label=mode)
+                       [max(by[lay]["rel_var"], 1e-12) if lay in by else 1e-12 for lay in layers], width, label=mode)
             whole = by.get(WHOLE)
-            if whole:
-                ax_bias.bar(j - 0.2, whole["rel_bias"], 0.4, color=f"C{j}")
-                ax_bias.bar(j + 0.2, whole["floor"], 0.4, color=f"C{j}", alpha=0.35)
+            if whole:  # zeros (no variance: inductor) drawn at 1e-12, the axes' floor
+                ax_bias.bar(j - 0.2, max(whole["rel_bias"], 1e-12), 0.4, color=f"C{j}")
+                ax_bias.bar(j + 0.2, max(whole["floor"], 1e-12), 0.4, color=f"C{j}", alpha=0.35)
         ax_var.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], layers, rotation=60, ha="right", fontsize=7)
         ax_var.set_yscale("log")
         ax_var.set_title(f"{model}: relative gradient variance per layer (one draw)", fontsize=9)
@@ -182,9 +184,10 @@ def main(argv=None) -> int:
     out = Path(args.out) / tag
     rows = common.merge_csv(out / "gradient_error.csv", rows, ("model", "mode", "layer"))
     print("\nwhole model (relative to |exact gradient|):")
-    common.print_table([r for r in rows if r["layer"] == WHOLE],
-                       [("model", "model", ""), ("mode", "mode", ""), ("draws", "draws", "d"), ("rel bias", "rel_bias", ".3e"),
-                        ("floor", "floor", ".3e"), ("excess", "excess", ".3e"), ("rel var", "rel_var", ".3e")])
+    whole = [dict(r, ratio=r["rel_bias"] / r["floor"] if r["floor"] else None) for r in rows if r["layer"] == WHOLE]
+    common.print_table(whole, [("model", "model", ""), ("mode", "mode", ""), ("draws", "draws", "d"),
+                               ("rel bias", "rel_bias", ".3e"), ("floor", "floor", ".3e"), ("bias/floor", "ratio", ".2f"),
+                               ("excess", "excess", ".3e"), ("rel var", "rel_var", ".3e")])
     for model_name in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model_name and r["layer"] != WHOLE]
         names = list(dict.fromkeys(r["mode"] for r in rs))
