@@ -80,13 +80,13 @@ def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: t
     lo = _groups(x, group, math.inf).amin(dim=1)
     hi = _groups(x, group, -math.inf).amax(dim=1)
     if mdt == flat.dtype:  # lo is a value of the tensor: exact in its own dtype
-        lo_s = lo.to(mdt)
+        lo_q = lo
     else:
-        lo_s = (lo - lo.abs() * _SAFETY).to(mdt)
-    lo_q = lo_s.float()
+        lo_q = _round_to_bf16(lo - lo.abs() * _SAFETY)
     scale = (hi - lo_q) / levels
-    scale_s = (scale * (1 + _SAFETY)).clamp(max=torch.finfo(mdt).max).to(mdt)
-    scale_q = scale_s.float()
+    scale = (scale * (1 + _SAFETY)).clamp(max=torch.finfo(mdt).max)
+    scale_q = _round_to_bf16(scale) if mdt == torch.bfloat16 else scale.to(mdt).float()
+    lo_s, scale_s = lo_q.to(mdt), scale_q.to(mdt)  # exact: the values are already representable
     inv = torch.where(scale_q > 0, 1.0 / scale_q, torch.zeros_like(scale_q))
     xg = _groups(x, group, 0.0)
     if noise is None:
@@ -95,6 +95,17 @@ def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: t
     codes = _pack(q.to(torch.int32), bits)
     meta = torch.stack([lo_s, scale_s], dim=1)
     return codes, meta
+
+
+def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest bf16 value (ties to even), still in fp32, computed on the bits.
+
+    ``x.to(bf16).float()`` would be the obvious spelling, but Inductor drops such a round trip inside a fused
+    kernel (it does not emulate precision casts), so the codes would be computed against an fp32 lo/scale
+    while the dequantize reads the stored bf16 ones: a deterministic error. Integer ops are kept."""
+    b = x.view(torch.int32)
+    b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+    return b.view(torch.float32)
 
 
 def dequantize(codes: torch.Tensor, meta: torch.Tensor, bits: int, numel, dtype: torch.dtype) -> torch.Tensor:
