@@ -25,8 +25,10 @@ mode compiles cold, so compile times compare like with like, and no cache hit ca
     python bench/bench_train.py [--quick] [--models cnn,gpt2,bert] [--modes "inductor,actc 2bit"]
                                 [--steps 20] [--warmup 3] [--threads 1] [--out results] [--fit-cap-gib 16]
 
-Prints a table and writes <out>/<device-tag>/train.csv and train.png (CPU and each GPU kind apart).
---quick: the CNN alone, small, with eager, inductor, inductor recompute 0.3 and actc 2bit, 5 timed steps.
+Prints a table and writes <out>/<device-tag>/train.csv and train.png (CPU and each GPU kind apart). A run
+replaces the rows of the (model, mode) pairs it measured and keeps the others, so a long set can be measured a
+model or a few modes at a time. --quick: the CNN alone, small, with eager, inductor, inductor recompute 0.3 and
+actc 2bit, 5 timed steps, written to train_quick.csv and train_quick.png.
 """
 from __future__ import annotations
 
@@ -97,8 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=None, help=f"comma-separated names from common.MODES (default: {DEFAULT_MODES})")
     p.add_argument("--steps", type=int, default=None, help="timed steps after the warm-up (default 20; 5 with --quick)")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing, the compiling first step included")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on a shared machine two OpenMP threads stall "
-                   "at barriers whenever another process takes a core)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: on a shared machine two OpenMP "
+                   "threads stall at barriers whenever another process takes a core)")
     p.add_argument("--out", default=str(common.REPO / "results"), help="files go to OUT/<device-tag>/")
     p.add_argument("--quick", action="store_true", help="the small CNN, four modes, five timed steps")
     p.add_argument("--fit-cap-gib", type=float, default=0.0, help="GPU: find the largest batch under this cap")
@@ -153,7 +155,7 @@ def run_mode(work: dict, batch: int, mode: dict, device: torch.device, steps: in
         opt.zero_grad(set_to_none=True)
         median = statistics.median(times[warmup:])
         row = dict(saved_mib=nbytes / MIB, step_ms=1e3 * median, compile_s=sum(t - median for t in times[:warmup]),
-                   loss=loss.item(), note="; ".join(f"actc: {w}" for w in warned)[:300])
+                   loss=loss.item(), note="; ".join(warned)[:300])
         if device.type == "cuda":
             del out
             sync(device)
@@ -283,13 +285,17 @@ def main(argv=None) -> int:
                     row["max_batch"] = max_batch(args, model_name, mode_name, work["batch"])
             rows.append(row)
             torch._dynamo.reset()
-    for model_name in workloads:
-        base = next((r for r in rows if r["model"] == model_name and r["mode"] == "inductor"
-                     and r.get("saved_mib") is not None), None)
-        for r in rows:
-            if r["model"] == model_name and base and r.get("saved_mib") is not None:
-                r["x_less"] = base["saved_mib"] / max(r["saved_mib"], 1e-9)
-                r["step_ratio"] = r["step_ms"] / base["step_ms"]
+    out = Path(args.out) / tag
+    stem = "train_quick" if args.quick else "train"
+    rows = common.merge_csv(out / f"{stem}.csv", rows, ("model", "mode"))
+    order = [*WORKLOADS[table]], [*common.MODES]
+    rows.sort(key=lambda r: tuple(o.index(r[k]) if r[k] in o else len(o) for o, k in zip(order, ("model", "mode"))))
+    for r in rows:
+        base = next((b for b in rows if b["model"] == r["model"] and b["mode"] == "inductor"
+                     and b.get("saved_mib") is not None), None)
+        if base and r.get("saved_mib") is not None:
+            r["x_less"] = base["saved_mib"] / max(r["saved_mib"], 1e-9)
+            r["step_ratio"] = r["step_ms"] / base["step_ms"]
     columns = [("model", "model", ""), ("mode", "mode", ""), ("saved MiB", "saved_mib", ".2f"),
                ("x less", "x_less", ".1f"), ("step ms", "step_ms", ".1f"), ("x inductor", "step_ratio", ".2f"),
                ("compile s", "compile_s", ".1f"), ("loss", "loss", ".4f")]
@@ -301,10 +307,9 @@ def main(argv=None) -> int:
     for r in rows:
         if r.get("note"):
             print(f"  {r['model']} / {r['mode']}: {r['note']}")
-    out = Path(args.out) / tag
-    common.write_csv(rows, out / "train.csv", FIELDS)
-    plot(rows, out / "train.png", f"training step, {tag}: {common.machine()}")
-    print(f"wrote {out / 'train.csv'} and {out / 'train.png'}")
+    common.write_csv(rows, out / f"{stem}.csv", FIELDS)
+    plot(rows, out / f"{stem}.png", f"training step, {tag}: {common.machine()}")
+    print(f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.png'}")
     return 0
 
 

@@ -43,17 +43,17 @@ MODES: dict[str, dict[str, Any]] = {
     "actc 2bit": dict(backend="actc", options={"memory_budget": "2bit"}),
     "actc 0.1": dict(backend="actc", options={"memory_budget": 0.1}),
     "actc 2bit + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit"}, recompute=0.3),
+    # one width for every compressed tensor (the allocator has a single choice, so nothing to re-plan)
+    "actc 8bit only": dict(backend="actc", options={"memory_budget": "8bit", "bits": [8], "allocation": "static"}),
+    "actc 4bit only": dict(backend="actc", options={"memory_budget": "4bit", "bits": [4], "allocation": "static"}),
+    "actc 2bit only": dict(backend="actc", options={"memory_budget": "2bit", "bits": [2], "allocation": "static"}),
+    "actc 1bit only": dict(backend="actc", options={"memory_budget": "1bit", "bits": [1], "allocation": "static"}),
     # actc's default allocation is "adaptive" (re-plans from measured sensitivities); "static" never re-plans
     "actc 2bit static": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static"}),
     "actc 2bit static + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static"},
                                              recompute=0.3),
     "actc 2bit adaptive once": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
                                                              "replan_every": 0}),  # one re-plan, then fixed
-    # one width for every compressed tensor (the allocator has a single choice, so nothing to re-plan)
-    "actc 8bit only": dict(backend="actc", options={"memory_budget": "8bit", "bits": [8], "allocation": "static"}),
-    "actc 4bit only": dict(backend="actc", options={"memory_budget": "4bit", "bits": [4], "allocation": "static"}),
-    "actc 2bit only": dict(backend="actc", options={"memory_budget": "2bit", "bits": [2], "allocation": "static"}),
-    "actc 1bit only": dict(backend="actc", options={"memory_budget": "1bit", "bits": [1], "allocation": "static"}),
 }
 
 # PyTorch's fp8 pass (torch/_functorch/partitioners.py, enable_activation_quantization). It casts saved
@@ -293,6 +293,9 @@ def merge_csv(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
         old = [r for r in csv.DictReader(f) if tuple(r.get(k, "") for k in key) not in new]
     for r in old:
         for k, v in r.items():
+            if v == "":
+                r[k] = None
+                continue
             with contextlib.suppress(TypeError, ValueError):
                 r[k] = int(v) if v.lstrip("-").isdigit() else float(v)
     if old:

@@ -7,9 +7,10 @@ with Inductor's recompute budget, every mode with the same seed, data order and 
   enwiki  a byte-level transformer LM (actc.models.TinyGPT) on the English-Wikipedia slice (first 90% train,
           last 10% validation): a fixed number of AdamW steps on random windows; reported: loss on the whole
           validation slice (non-overlapping windows), in bits per byte.
-Sizes (a 16/32-channel CNN; a width-128, 2-layer LM trained 1000 steps on 16 windows of 128 bytes) keep one mode
-near 10 minutes on one thread of a shared 2-core CPU. Evaluation runs the same parameters in eager mode (model.eval(), no grad), so it measures what training
-did and not a compiled inference graph. The "saved MiB" column is actc.measure.saved_bytes of one training
+Sizes (a 16/32-channel CNN; a width-128, 2-layer LM trained 1000 steps on 16 windows of 128 bytes) keep one
+mode between 1.5 and 20 minutes on one thread of a shared 2-core CPU, compiles included. Evaluation runs the
+same parameters in eager mode (model.eval(), no grad), so it measures what training did and not a compiled
+inference graph. The "saved MiB" column is actc.measure.saved_bytes of one training
 forward (parameters and inputs left out). Targets at 2 bits: accuracy within 0.3 points of fp32, validation
 loss within 1%. Inductor's caches are disabled (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, unless already set), so
 each mode's graphs really go through its partitioner.
@@ -149,15 +150,15 @@ def train(task: str, mode: dict, data: tuple, args: argparse.Namespace) -> tuple
                 start = time.perf_counter()
                 row["eval"] = evaluate() if step + 1 < steps else final()
                 eval_s += time.perf_counter() - start
-                print(f"  step {step + 1}/{steps}: train loss {row['train_loss']:.4f}, {spec['metric']} {row['eval']:.4f}",
-                      flush=True)
+                print(f"  step {step + 1}/{steps}: train loss {row['train_loss']:.4f}, "
+                      f"{spec['metric']} {row['eval']:.4f}", flush=True)
             curve.append(row)
         nbytes, out = saved_bytes(lambda: fn(x, y), (*model.parameters(), *model.buffers(), x, y))
         out.backward()
     summary = dict(steps=steps, metric=spec["metric"], value=curve[-1]["eval"], train_s=sum(times), eval_s=eval_s,
                    compile_s=times[0], step_ms=1e3 * statistics.median(times[1:] or times),
                    saved_mib=nbytes / 2**20, final_loss=curve[-1]["train_loss"],
-                   note="; ".join(f"actc: {w}" for w in warned)[:300])
+                   note="; ".join(warned)[:300])
     return summary, curve
 
 
@@ -194,8 +195,8 @@ def plot(task: str, curve: list[dict], path: Path, title: str) -> None:
     ax_loss.set_title(f"training loss (moving average of {k} steps)", fontsize=9)
     ax_diff.axhline(0, color="k", lw=0.8)
     ax_diff.set_title(f"training loss minus {BASELINE}'s (same moving average)", fontsize=9)
-    ax_eval.set_title(f"{TASKS[task]['metric']} (last point: full {'test set' if task == 'fmnist' else 'validation slice'})",
-                      fontsize=9)
+    whole = "test set" if task == "fmnist" else "validation slice"
+    ax_eval.set_title(f"{TASKS[task]['metric']} (last point: the full {whole})", fontsize=9)
     for ax in (ax_loss, ax_diff, ax_eval):
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
@@ -216,7 +217,8 @@ def report(task: str, rows: list[dict]) -> None:
                 r["delta"] = r["delta"] / base["value"]
     unit = "points" if spec["target"][0] == "points" else "relative"
     common.print_table(rows, [("mode", "mode", ""), ("steps", "steps", "d"), (spec["metric"], "value", ".4f"),
-                              (f"delta vs {BASELINE} ({unit})", "delta", "+.4f"), ("final train loss", "final_loss", ".4f"),
+                              (f"delta vs {BASELINE} ({unit})", "delta", "+.4f"),
+                              ("final train loss", "final_loss", ".4f"),
                               ("saved MiB", "saved_mib", ".2f"), ("step ms", "step_ms", ".0f"),
                               ("compile s", "compile_s", ".0f"), ("train s", "train_s", ".0f")])
     for r in rows:

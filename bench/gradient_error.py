@@ -11,13 +11,13 @@ whole model, with g the exact gradient, m the mean of the draws and v the per-el
   rel var    sum(v) / |g|^2: one draw's squared error relative to the gradient (variance per bit-width/layer)
 
 "inductor" (no compression) shows what compiling alone changes against eager. The other default modes give
-every compressed tensor one width ("actc Nbit only"), or let the allocator mix widths at 2 bits
-on average: "static" (every element weighs the same) or "adaptive once" (bits re-planned once from measured
-sensitivities; the warmup_steps backward passes before that re-plan run first and are not counted), and
-"static + recompute 0.3" with Inductor's recompute budget. actc's default adaptive allocation also re-plans every
-100 passes, which would mix plans inside the draws. Models: TinyGPT (GELU, whose backward is not linear in the saved input, so a
-small bias is expected there) and ConvNet (conv/BN/ReLU), both without dropout. Inductor's caches are
-disabled (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, unless already set) so actc's partitioner always runs.
+every compressed tensor one width ("actc Nbit only"), or let the allocator mix widths at 2 bits on average:
+"static" (every element weighs the same), "adaptive once" (bits re-planned once from measured sensitivities;
+the warmup_steps backward passes before that re-plan run first and are not counted; actc's default adaptive
+allocation also re-plans every 100 passes, which would mix plans inside the draws) and "static + recompute
+0.3" (with Inductor's recompute budget). Models: TinyGPT (GELU and attention, whose backwards are not linear in
+the saved inputs) and ConvNet (conv/BN/ReLU/max-pool), both without dropout. Inductor's caches are disabled
+(TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, unless already set) so actc's partitioner always runs.
 
     python bench/gradient_error.py [--models tinygpt,convnet] [--modes "actc 2bit only,actc 2bit static"]
                                    [--draws 256] [--threads 1] [--out results]
@@ -131,32 +131,38 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     if plt is None:
         return
     models = list(dict.fromkeys(r["model"] for r in rows))
+    known = list(common.MODES)
+    modes = sorted(dict.fromkeys(r["mode"] for r in rows), key=lambda m: known.index(m) if m in known else len(known))
+    color = {m: f"C{i}" for i, m in enumerate(modes)}  # one color per mode in every panel
     fig, axes = plt.subplots(len(models), 2, figsize=(14, 4.2 * len(models)), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]})
     for (ax_var, ax_bias), model in zip(axes, models):
         rs = [r for r in rows if r["model"] == model]
-        modes = list(dict.fromkeys(r["mode"] for r in rs))
+        present = [m for m in modes if any(r["mode"] == m for r in rs)]
         layers = [lay for lay in dict.fromkeys(r["layer"] for r in rs) if lay != WHOLE]
-        width = 0.8 / len(modes)
-        for j, mode in enumerate(modes):
+        width = 0.8 / len(present)
+        for j, mode in enumerate(present):
             by = {r["layer"]: r for r in rs if r["mode"] == mode}
             ax_var.bar([i + j * width for i in range(len(layers))],
-                       [max(by[lay]["rel_var"], 1e-12) if lay in by else 1e-12 for lay in layers], width, label=mode)
+                       [max(by[lay]["rel_var"], 1e-12) if lay in by else 1e-12 for lay in layers], width,
+                       color=color[mode], label=mode)
             whole = by.get(WHOLE)
             if whole:  # zeros (no variance: inductor) drawn at 1e-12, the axes' floor
-                ax_bias.bar(j - 0.2, max(whole["rel_bias"], 1e-12), 0.4, color=f"C{j}")
-                ax_bias.bar(j + 0.2, max(whole["floor"], 1e-12), 0.4, color=f"C{j}", alpha=0.35)
-        ax_var.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], layers, rotation=60, ha="right", fontsize=7)
+                ax_bias.bar(j - 0.2, max(whole["rel_bias"], 1e-12), 0.4, color=color[mode])
+                ax_bias.bar(j + 0.2, max(whole["floor"], 1e-12), 0.4, color=color[mode], alpha=0.35)
+        ax_var.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], layers, rotation=60, ha="right",
+                          fontsize=7)
         ax_var.set_yscale("log")
         ax_var.set_title(f"{model}: relative gradient variance per layer (one draw)", fontsize=9)
-        ax_var.legend(fontsize=7)
-        ax_bias.set_xticks(range(len(modes)), modes, rotation=60, ha="right", fontsize=7)
+        ax_bias.set_xticks(range(len(present)), present, rotation=60, ha="right", fontsize=7)
         ax_bias.set_yscale("log")
         ax_bias.set_title(f"{model}: rel bias (solid) vs noise floor (pale)", fontsize=9)
         for ax in (ax_var, ax_bias):
             ax.grid(True, axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=color[m]) for m in modes]
+    fig.legend(handles, modes, loc="lower center", ncol=min(len(modes), 5), fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -183,11 +189,14 @@ def main(argv=None) -> int:
                 rows.append(dict(device=tag, model=model_name, mode=mode_name, layer=layer, **asdict(s)))
     out = Path(args.out) / tag
     rows = common.merge_csv(out / "gradient_error.csv", rows, ("model", "mode", "layer"))
+    order = [*MODELS], [*common.MODES]  # stable: each (model, mode)'s layers keep their order
+    rows.sort(key=lambda r: tuple(o.index(r[k]) if r[k] in o else len(o) for o, k in zip(order, ("model", "mode"))))
     print("\nwhole model (relative to |exact gradient|):")
     whole = [dict(r, ratio=r["rel_bias"] / r["floor"] if r["floor"] else None) for r in rows if r["layer"] == WHOLE]
     common.print_table(whole, [("model", "model", ""), ("mode", "mode", ""), ("draws", "draws", "d"),
-                               ("rel bias", "rel_bias", ".3e"), ("floor", "floor", ".3e"), ("bias/floor", "ratio", ".2f"),
-                               ("excess", "excess", ".3e"), ("rel var", "rel_var", ".3e")])
+                               ("rel bias", "rel_bias", ".3e"), ("floor", "floor", ".3e"),
+                               ("bias/floor", "ratio", ".2f"), ("excess", "excess", ".3e"),
+                               ("rel var", "rel_var", ".3e")])
     for model_name in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model_name and r["layer"] != WHOLE]
         names = list(dict.fromkeys(r["mode"] for r in rs))

@@ -53,7 +53,8 @@ def test_mean_gradient_is_unbiased(bits, draws):
     batch = (torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g))
     stats = gradient_error.measure(model, batch, mode, draws=draws)
     whole = stats[gradient_error.WHOLE]
-    print(f"\n{bits}bit, {draws} draws: rel bias {whole.rel_bias:.3e}, floor {whole.floor:.3e}, rel var {whole.rel_var:.3e}")
+    print(f"\n{bits}bit, {draws} draws: rel bias {whole.rel_bias:.3e}, floor {whole.floor:.3e}, "
+          f"rel var {whole.rel_var:.3e}")
     # the activations really were compressed (inductor alone would give identical draws)
     assert stats["2"].rel_var > 1e-9
     # the first layer's gradient only meets the exact mask and uncompressed weights: it must come out exact
