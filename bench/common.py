@@ -54,6 +54,10 @@ MODES: dict[str, dict[str, Any]] = {
                                              recompute=0.3),
     "actc 2bit adaptive once": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
                                                              "replan_every": 0}),  # one re-plan, then fixed
+    "actc 1.5bit": dict(backend="actc", options={"memory_budget": "1.5bit"}),
+    "actc 1.5bit static": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "static"}),
+    "actc 1.5bit adaptive once": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "adaptive",
+                                                               "replan_every": 0}),
 }
 
 # PyTorch's fp8 pass (torch/_functorch/partitioners.py, enable_activation_quantization). It casts saved

@@ -39,7 +39,7 @@ import common
 from actc.measure import saved_bytes
 from actc.models import TinyGPT
 
-DEFAULT_MODES = ["inductor", "actc 8bit", "actc 4bit", "actc 2bit", "actc 2bit + recompute 0.3"]
+DEFAULT_MODES = ["inductor", "actc 8bit", "actc 4bit", "actc 2bit", "actc 2bit static", "actc 2bit + recompute 0.3"]
 BASELINE = "inductor"
 LN2 = math.log(2)
 TASKS = {

@@ -40,7 +40,8 @@ import common
 from actc.models import ConvNet, TinyGPT, copy_task
 
 DEFAULT_MODES = ["inductor", "actc 8bit only", "actc 4bit only", "actc 2bit only", "actc 1bit only", "actc 2bit static",
-                 "actc 2bit adaptive once", "actc 2bit static + recompute 0.3"]
+                 "actc 2bit adaptive once", "actc 1.5bit static", "actc 1.5bit adaptive once",
+                 "actc 2bit static + recompute 0.3"]
 WHOLE = "(all)"
 FIELDS = ("device", "model", "mode", "layer", "numel", "draws", "rel_bias", "floor", "excess", "rel_var")
 

@@ -215,6 +215,8 @@ def budget_for_average_bits(candidates: Iterable[Candidate], bits: float) -> int
 
     Between two available widths (the full width counts as one) the bytes are
     interpolated linearly in bits: 3 is the midpoint of the 2- and 4-bit bytes.
+    A candidate whose narrowest width is above `bits` (one that must keep a
+    fine step) counts at that narrowest width, so it does not squeeze the others.
     """
     if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits):
         raise ValueError(f"bits={bits!r}; expected a finite number")
@@ -224,6 +226,9 @@ def budget_for_average_bits(candidates: Iterable[Candidate], bits: float) -> int
         table = sorted(c.bytes_at_bits.items())
         if target in c.bytes_at_bits:
             total += c.bytes_at_bits[target]
+            continue
+        if table and min(COMPRESSED_BITS) <= target < table[0][0]:
+            total += table[0][1]
             continue
         for (lo, lo_bytes), (hi, hi_bytes) in zip(table, table[1:]):
             if lo < target < hi:

@@ -28,10 +28,29 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # them scales whole rows of the gradient, and they are small, so they stay exact.
 STATISTIC_PRODUCERS = ("scaled_dot_product", "layer_norm", "batch_norm", "group_norm", "rms_norm",
                        "flash_attention", "efficient_attention", "cudnn_attention")
-LINEAR_CONSUMERS = {"mm", "addmm", "bmm", "baddbmm", "convolution_backward", "matmul", "linear",
-                    "_scaled_dot_product_flash_attention_for_cpu_backward",
-                    "_scaled_dot_product_efficient_attention_backward",
-                    "_scaled_dot_product_flash_attention_backward"}
+LINEAR_CONSUMERS = {"mm", "addmm", "bmm", "baddbmm", "convolution_backward", "matmul", "linear"}
+# How the backward reads a saved tensor decides whether its rounding noise averages out. Stochastic rounding
+# is unbiased, E[x̂] = x, so any backward that is linear in x̂ gets an unbiased gradient. A nonlinear f gets
+# E[f(x̂)] = f(x) + f''(x)·Var(e)/2 + ...: a bias that grows with the squared quantization step. For exp that
+# bias is a factor E[exp(e)] on every output (a 2-bit step over logits spanning 12 nats adds e up to ±4, an
+# error of 10× and more), so tensors that reach an exponential need a fine step; bounded smooth functions
+# (GELU's erf, tanh, sigmoid, roots) have bounded curvature and need a moderate one.
+EXP_OPS = {"exp", "exp2", "expm1", "_softmax", "_log_softmax", "logsumexp", "_log_softmax_backward_data"}
+SMOOTH_OPS = {"erf", "erfc", "tanh", "sigmoid", "log", "log1p", "log2", "sqrt", "rsqrt", "reciprocal", "sin",
+              "cos", "gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward", "mish_backward",
+              "softplus_backward", "elu_backward", "log_sigmoid_backward"}
+# Statistics of a recomputed normalization (decomposed or not).
+STAT_OPS = {"var", "var_mean", "std", "std_mean", "native_batch_norm", "_native_batch_norm_legit",
+            "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training", "_batch_norm_with_update",
+            "native_layer_norm", "native_group_norm"}
+ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "view", "reshape", "expand", "permute", "clone",
+               "convert_element_type", "squeeze", "unsqueeze"}
+# Attention backwards recompute softmax(q·kᵀ) from the saved q and k; v, out and the gradient enter linearly.
+ATTENTION_BACKWARD = "scaled_dot_product"
+ATTENTION_EXP_ARGS = (1, 2)
+# The fewest bits each consumer class may get (passes/partition.py drops the narrower widths).
+MIN_BITS = {"linear": 1, "other": 1, "smooth": 4, "stat": 8, "exp": 8}
+_RANK = ("linear", "other", "smooth", "stat", "exp")  # worst last
 
 
 @dataclass
@@ -45,7 +64,8 @@ class Saved:
     numel: int = 0                      # worst case under dynamic shapes
     full_bytes: int = 0
     perm: tuple[int, ...] = ()
-    consumer: str = ""                  # "linear" when a matmul/conv reads it in the backward, else "other"
+    consumer: str = ""                  # how the backward reads it: "linear" | "other" | "smooth" | "stat" | "exp"
+    consumer_op: str = ""               # the op that made it "smooth" or "exp"
     activation: bool = True             # False for primals and parameter-derived tensors: not counted
     dynamic: bool = False
     added: bool = False                 # a mask that actc moved into the forward: Inductor did not save it
@@ -128,21 +148,58 @@ def parameter_derived(fw: fx.GraphModule, static_indices: list[int] | None) -> s
     return derived
 
 
-def consumer_class(bw: fx.GraphModule, names: list[str]) -> str:
-    """'linear' when a matmul-like op reads the tensor (through views) in the backward, else 'other'."""
-    frontier = [n for n in bw.graph.find_nodes(op="placeholder") if n.name in names]
-    seen = set()
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if op_name(user) in LINEAR_CONSUMERS:
-                return "linear"
-            if is_view(user):
-                frontier.append(user)
-    return "other"
+def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
+    """(class, op) for the worst way the backward reads the tensor saved as ``names``, following its values
+    through every op (a recompute in the backward included) up to comparisons, whose exact masks
+    passes/hoist.py moves into the forward:
+
+        exp     an exponential, softmax, log-softmax backward, or q/k of an attention backward
+        stat    statistics recomputed from it (a BatchNorm the partitioner recomputes: var_mean, or a sum of
+                squares): E[x̂²] = x² + Var(e), so the error does not average out over the reduction
+        smooth  another transcendental (GELU's erf and exp(-x²/2), tanh, sigmoid, roots), a division by it
+        linear  only matmul/conv operands and linear elementwise ops (add, scale, mask, views, sums)
+        other   linear elementwise ops alone, no matmul or conv
+
+    Products of two of its values that involve the incoming gradient (LayerNorm's backward: x̂ · Σ g x̂ / n)
+    are left "linear": there the squared error is divided by the reduced width.
+    """
+    derived = {n for n in bw.graph.find_nodes(op="placeholder") if n.name in names}
+    gradient = {n for n in bw.graph.find_nodes(op="placeholder") if n.name.startswith("tangents")}
+    squared: set[fx.Node] = set()  # forward values recomputed through a product of two derived values or a power
+    worst, op, linear = "other", "", False
+    for node in bw.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if any(n in gradient for n in node.all_input_nodes):
+            gradient.add(node)
+        if not any(n in derived for n in node.all_input_nodes):
+            continue
+        name = op_name(node)
+        hits = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in derived]
+        if name.endswith(("_backward", "_backward_data")):  # linear in the incoming gradient, argument 0
+            nonlinear = [i for i in hits if i > 0]
+        else:
+            nonlinear = hits
+        attention = ATTENTION_BACKWARD in name
+        if name in EXP_OPS and nonlinear or attention and any(i in ATTENTION_EXP_ARGS for i in hits):
+            # exp(-x²/2) (GELU's density) is bounded with bounded derivatives: smooth, not exponential
+            cls = "smooth" if any(node.args[i] in squared for i in nonlinear) else "exp"
+        elif name in STAT_OPS or name in ("sum", "mean") and any(node.args[i] in squared for i in hits):
+            cls = "stat"
+        elif name in SMOOTH_OPS and nonlinear or name == "div" and 1 in hits:
+            cls = "smooth"
+        else:
+            cls = "other"
+            linear |= name in LINEAR_CONSUMERS or "convolution_backward" in name or attention
+        if _RANK.index(cls) > _RANK.index(worst):
+            worst, op = cls, name
+        if node not in gradient and (name == "pow" or name == "mul" and len(hits) > 1
+                                     or name in ELEMENTWISE and any(n in squared for n in node.all_input_nodes)):
+            squared.add(node)
+        val = node.meta.get("val")
+        if not (isinstance(val, torch.Tensor) and val.dtype == torch.bool):  # comparisons: exact masks (hoist)
+            derived.add(node)
+    return ("linear" if worst == "other" and linear else worst), op
 
 
 def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
@@ -218,7 +275,7 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=f
         if quant.num_groups(least, config.group_size) < 2:
             return skip(f"dynamic size can fall to one group ({least} elements)")
     rec.kind, rec.perm = kind, perm
-    rec.consumer = consumer_class(bw, [a.name for a in aliases])
+    rec.consumer, rec.consumer_op = consumer_class(bw, [a.name for a in aliases])
     if len(aliases) > 1 or aliases[0] is not root:
         rec.reason = "root of " + ", ".join("%" + a.name for a in aliases if a is not root)
     elif root.name in hoisted:

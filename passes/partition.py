@@ -20,7 +20,7 @@ import torch.fx as fx
 from actc import _torch_compat as compat
 from actc.kernels import quant
 from actc.passes import allocate as alloc
-from actc.passes.candidates import Saved, find_candidates
+from actc.passes.candidates import MIN_BITS, Saved, find_candidates
 from actc.passes.hoist import find_comparisons, hoist_comparisons
 from actc.passes.rewrite import Decision, rewrite, trace_pair
 from actc.passes.sensitivity import insert_statistics
@@ -88,6 +88,7 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     """Find, allocate and rewrite; returns the session's region for this graph and its plan."""
     config = session.config
     records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config)
+    _require_min_bits(records, config)
     quants = [r for r in records if r.kind == "quant"]
     cands = [_candidate(r, config, _mask_bytes(fw, bw, r) if config.compress_masks else 0) for r in quants]
     fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
@@ -100,8 +101,9 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
         hoisted = hoist_comparisons(fw, bw, num_fwd_outputs, compressed)
         if hoisted:
             records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, frozenset(hoisted))
+            _require_min_bits(records, config)
     if not feasible:
-        need = fixed + sum(min(c.bytes_at_bits[b] for b in config.bits if b in c.bytes_at_bits) for c in cands)
+        need = fixed + sum(min(c.bytes_at_bits.values()) for c in cands)
         session.warn_once(f"actc: memory budget {config.memory_budget} ({budget + fixed} B for graph {region.index}) "
                           f"cannot be met even at {min(config.bits)} bit (needs {need} B); using the tightest plan")
 
@@ -130,6 +132,18 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     return region, plan
 
 
+def _require_min_bits(records: list[Saved], config) -> None:
+    """Tensors with a nonlinear backward consumer keep a fine step; with no width that fine, they stay exact."""
+    for r in records:
+        need = MIN_BITS[r.consumer] if r.kind == "quant" else 1
+        if need > 1:
+            why = f"read by {r.consumer_op} in the backward ({r.consumer}): needs >= {need} bits"
+            if need > max(config.bits):
+                r.kind, r.reason = "skip", f"{why}, bits={list(config.bits)} allow none"
+            else:
+                r.reason = "; ".join(filter(None, (r.reason, why)))
+
+
 def _mask_bytes(fw: fx.GraphModule, bw: fx.GraphModule, r: Saved) -> int:
     """Bytes of the exact masks that compressing ``r`` moves into the forward (passes/hoist.py)."""
     found = find_comparisons(fw, bw, [a.name for a in r.aliases])
@@ -140,7 +154,9 @@ def _mask_bytes(fw: fx.GraphModule, bw: fx.GraphModule, r: Saved) -> int:
 def _candidate(r: Saved, config, mask_bytes: int = 0) -> "alloc.Candidate":
     full_bits = r.dtype.itemsize * 8
     # a compressed width also pays for the masks its compression moves into the forward
-    sizes = {b: quant.compressed_bytes(r.numel, b, config.group_size, r.dtype) + mask_bytes for b in config.bits}
+    # nonlinear backward consumers (passes/candidates.py) rule out the narrow widths
+    sizes = {b: quant.compressed_bytes(r.numel, b, config.group_size, r.dtype) + mask_bytes
+             for b in config.bits if b >= MIN_BITS[r.consumer]}
     sizes[full_bits] = r.full_bytes
     # Default sensitivity: every element's rounding noise adds (range^2 / (2^b-1)^2)-proportional variance to
     # the gradient it feeds, so the weight is the element count. Adaptive allocation replaces it with the

@@ -216,6 +216,12 @@ def test_average_bits_budget():
     assert budget_for_average_bits([c], 3) == (c.bytes_at_bits[2] + c.bytes_at_bits[4]) // 2
     assert budget_for_average_bits([c], 1.5) == (c.bytes_at_bits[1] + c.bytes_at_bits[2]) // 2
     assert budget_for_average_bits([c], 32) == full_bytes([c]) == 4 * 4096
+    # a candidate held to >= 8 bits (a nonlinear backward consumer) counts at 8 under a 2-bit budget, so the
+    # others keep their 2 bits
+    held = Candidate("held", {b: n for b, n in c.bytes_at_bits.items() if b >= 8}, 1.0)
+    budget = budget_for_average_bits([held, *cands[1:]], 2)
+    assert budget == held.bytes_at_bits[8] + sum(x.bytes_at_bits[2] for x in cands[1:])
+    assert allocate([held, *cands[1:]], budget).bits == {"held": 8, **{x.id: 2 for x in cands[1:]}}
     with pytest.raises(ValueError, match=r"'u0'.*bits=0\.5"):
         budget_for_average_bits([c], 0.5)
 
