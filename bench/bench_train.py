@@ -17,6 +17,9 @@ Columns.
   compile s   what the warm-up steps took beyond the median step: the first step's compile of forward and
               backward, plus the recompile after actc's first re-plan when its allocation is adaptive (the
               warm-up then runs past that re-plan: warmup_steps + 2 steps, so the timed steps see the final plan).
+  steps, loss how many steps the mode trained (warm-up included) and its last loss, on the same batch: adaptive
+              modes warm up longer, so their loss is not comparable with the others' (a sanity check only).
+  re-plans    adaptive modes: re-plans made, and the recompile seconds they caused (solve ms in the CSV).
   max batch   GPU only, with --fit-cap-gib: the largest batch whose step fits that cap
               (torch.cuda.set_per_process_memory_fraction), by doubling then bisection, one subprocess a probe.
 Inductor's caches are disabled (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1) unless the variable is already set: every
@@ -51,7 +54,8 @@ DEFAULT_MODES = ["eager", "inductor", "inductor recompute 0.3", "inductor fp8", 
                  "actc 2bit", "actc 0.1", "actc 2bit + recompute 0.3"]
 QUICK_MODES = ["eager", "inductor", "inductor recompute 0.3", "actc 2bit"]
 FIELDS = ("device", "model", "batch", "mode", "saved_mib", "x_less", "act_mib", "peak_mib", "step_ms",
-          "step_ratio", "compile_s", "loss", "max_batch", "note")
+          "step_ratio", "compile_s", "steps", "loss", "max_batch", "replans", "replans_taken", "replan_solve_ms",
+          "replan_recompile_s", "note")
 
 
 def cnn(channels: int):
@@ -131,7 +135,7 @@ def run_mode(work: dict, batch: int, mode: dict, device: torch.device, steps: in
     wrapped = common.LossOf(model, work["kind"], work.get("autocast"))
     x, y = (t.to(device) for t in work["inputs"](batch))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    with common.mode_config(mode), common.actc_warnings() as warned:
+    with common.mode_config(mode), common.actc_warnings() as warned, common.actc_replans() as replans_so_far:
         fn = common.compile_for(wrapped, mode)
         torch.manual_seed(1)
 
@@ -155,7 +159,12 @@ def run_mode(work: dict, batch: int, mode: dict, device: torch.device, steps: in
         opt.zero_grad(set_to_none=True)
         median = statistics.median(times[warmup:])
         row = dict(saved_mib=nbytes / MIB, step_ms=1e3 * median, compile_s=sum(t - median for t in times[:warmup]),
-                   loss=loss.item(), note="; ".join(warned)[:300])
+                   loss=loss.item(), steps=warmup + steps, note="; ".join(warned)[:300])
+        replans = replans_so_far()
+        if replans:  # adaptive allocation: what its re-plans cost (solve, and the recompiles they caused)
+            row.update(replans=len(replans), replans_taken=sum(r["accepted"] for r in replans),
+                       replan_solve_ms=sum(r["solve_ms"] for r in replans),
+                       replan_recompile_s=sum(r["recompile_s"] for r in replans))
         if device.type == "cuda":
             del out
             sync(device)
@@ -298,7 +307,8 @@ def main(argv=None) -> int:
             r["step_ratio"] = r["step_ms"] / base["step_ms"]
     columns = [("model", "model", ""), ("mode", "mode", ""), ("saved MiB", "saved_mib", ".2f"),
                ("x less", "x_less", ".1f"), ("step ms", "step_ms", ".1f"), ("x inductor", "step_ratio", ".2f"),
-               ("compile s", "compile_s", ".1f"), ("loss", "loss", ".4f")]
+               ("compile s", "compile_s", ".1f"), ("steps", "steps", "d"), ("loss", "loss", ".4f"), ("re-plans", "replans", "d"),
+               ("re-plan recompile s", "replan_recompile_s", ".1f")]
     if device.type == "cuda":
         columns[4:4] = [("act MiB", "act_mib", ".0f"), ("peak MiB", "peak_mib", ".0f")]
         columns.append(("max batch", "max_batch", "d"))

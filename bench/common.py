@@ -141,6 +141,16 @@ def actc_warnings():
         logger.removeHandler(handler)
 
 
+@contextlib.contextmanager
+def actc_replans():
+    """Yields a function that returns the re-plan records (actc/session.py) of the actc sessions created
+    meanwhile: one dict per re-plan, with whether it was taken, its solve time and the recompile time it caused."""
+    from actc import session
+
+    before = set(session.SESSIONS)
+    yield lambda: [r for k, s in list(session.SESSIONS.items()) if k not in before for r in s.replans]
+
+
 def disable_inductor_caches() -> None:
     """Every compile runs the partitioner and compiles cold: no FX-graph, AOT or kernel cache hit can
     serve one mode with another's graph or make one mode's compile time look warm. Call before compiling."""
