@@ -18,7 +18,7 @@ class TensorPlan:
     bytes_before: int
     bytes_after: int
     reason: str = ""          # why skipped/kept, or which aliases it stands for
-    consumer: str = ""        # "linear" | "other" | "smooth" | "exp": how the backward reads it (passes/candidates.py)
+    consumer: str = ""        # "linear" | "other" | "smooth" | "stat" | "exp": how the backward reads it (passes/candidates.py)
     weight: float = 0.0       # sensitivity weight the allocator used
     activation: bool = True   # primals and parameter-derived tensors are listed but not counted
 

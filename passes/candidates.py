@@ -276,9 +276,15 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=f
             return skip(f"dynamic size can fall to one group ({least} elements)")
     rec.kind, rec.perm = kind, perm
     rec.consumer, rec.consumer_op = consumer_class(bw, [a.name for a in aliases])
+    need = MIN_BITS[rec.consumer] if kind == "quant" else 1
+    why = f"read by {rec.consumer_op} in the backward ({rec.consumer}): needs >= {need} bits" if need > 1 else ""
+    if need > max(config.bits):  # no width fine enough: it stays exact
+        rec.kind = "skip"
+        return skip(f"{why}, bits={list(config.bits)} allow none")
     if len(aliases) > 1 or aliases[0] is not root:
         rec.reason = "root of " + ", ".join("%" + a.name for a in aliases if a is not root)
     elif root.name in hoisted:
         rec.added = True
         rec.reason = f"exact {op_name(root)} of %{root.args[0].name}, moved from the backward"
+    rec.reason = "; ".join(filter(None, (rec.reason, why)))
     return rec

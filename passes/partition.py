@@ -88,7 +88,6 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     """Find, allocate and rewrite; returns the session's region for this graph and its plan."""
     config = session.config
     records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config)
-    _require_min_bits(records, config)
     quants = [r for r in records if r.kind == "quant"]
     cands = [_candidate(r, config, _mask_bytes(fw, bw, r) if config.compress_masks else 0) for r in quants]
     fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
@@ -101,7 +100,6 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
         hoisted = hoist_comparisons(fw, bw, num_fwd_outputs, compressed)
         if hoisted:
             records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, frozenset(hoisted))
-            _require_min_bits(records, config)
     if not feasible:
         need = fixed + sum(min(c.bytes_at_bits.values()) for c in cands)
         session.warn_once(f"actc: memory budget {config.memory_budget} ({budget + fixed} B for graph {region.index}) "
@@ -130,18 +128,6 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     plan = GraphPlan(graph=region.index, budget=str(config.memory_budget), budget_bytes=budget + fixed,
                      feasible=feasible, tensors=tensors)
     return region, plan
-
-
-def _require_min_bits(records: list[Saved], config) -> None:
-    """Tensors with a nonlinear backward consumer keep a fine step; with no width that fine, they stay exact."""
-    for r in records:
-        need = MIN_BITS[r.consumer] if r.kind == "quant" else 1
-        if need > 1:
-            why = f"read by {r.consumer_op} in the backward ({r.consumer}): needs >= {need} bits"
-            if need > max(config.bits):
-                r.kind, r.reason = "skip", f"{why}, bits={list(config.bits)} allow none"
-            else:
-                r.reason = "; ".join(filter(None, (r.reason, why)))
 
 
 def _mask_bytes(fw: fx.GraphModule, bw: fx.GraphModule, r: Saved) -> int:
