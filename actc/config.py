@@ -20,6 +20,7 @@ from typing import Any, Mapping, Union
 ENV_BUDGET = "ACTC_MEMORY_BUDGET"
 BITS = (1, 2, 4, 8)
 ALLOCATIONS = ("adaptive", "static")
+SENSITIVITIES = ("relative", "absolute")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 BUDGET_FORMS = "average bits like '2bit' (1 to 8), a fraction of the saved bytes like 0.1 (0 < f <= 1), " \
@@ -102,6 +103,8 @@ class ActcConfig:
     allocation: str = "adaptive"   # "adaptive": re-plan bits from sensitivities measured in the backward
     warmup_steps: int = 20         # adaptive: backward passes measured before the first re-plan
     replan_every: int = 100        # adaptive: backward passes between later re-plans (0: only the first)
+    sensitivity: str = "relative"  # adaptive: "relative" (per-layer variance / |grad|², for Adam-family
+    #                                optimizers) or "absolute" (summed variance, for SGD); passes/sensitivity.py
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "ActcConfig":
@@ -123,7 +126,8 @@ class ActcConfig:
 
     def summary(self) -> str:
         return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "
-                f"min_bytes={self.min_bytes} allocation={self.allocation}")
+                f"min_bytes={self.min_bytes} allocation={self.allocation}"
+                + (f" sensitivity={self.sensitivity}" if self.allocation == "adaptive" else ""))
 
 
 def _check(key: str, value: Any) -> Any:
@@ -152,6 +156,10 @@ def _check(key: str, value: Any) -> Any:
     if key == "allocation":
         if value not in ALLOCATIONS:
             raise bad(" or ".join(repr(a) for a in ALLOCATIONS))
+        return value
+    if key == "sensitivity":
+        if value not in SENSITIVITIES:
+            raise bad(" or ".join(repr(a) for a in SENSITIVITIES))
         return value
     if key in ("warmup_steps", "replan_every"):
         if isinstance(value, bool) or not isinstance(value, int) or value < (key == "warmup_steps"):

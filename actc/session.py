@@ -31,6 +31,7 @@ import torch
 
 from actc.config import ActcConfig, AverageBits, Bytes, Fraction
 from actc.passes import allocate as alloc
+from actc.passes.sensitivity import ROUNDING_VARIANCE
 from actc.plan import GraphPlan, table, to_json
 
 log = logging.getLogger("actc")
@@ -54,7 +55,8 @@ class Region:
     version: int = 0                    # bumped by every re-plan that changes this region's bits
     plan: GraphPlan | None = None
     stat_names: list[str] = field(default_factory=list)     # rows of the statistics, in order
-    stats: torch.Tensor | None = None   # [n, 2] sums over the window: (gradient factor A, range factor R)
+    stats: torch.Tensor | None = None   # [n, 3] sums over the window: gradient factor A, range factor R,
+    #                                     the consumer's squared gradient norm D (passes/sensitivity.py)
     window: int = 0                     # backward passes accumulated in ``stats``
     observed: int = 0                   # backward passes measured in all
 
@@ -168,15 +170,21 @@ class Session:
     def measured(self) -> dict[str, list[alloc.Candidate]]:
         """Candidates with the weights measured in the backward (see passes/sensitivity.py).
 
-        weight = A * R: A the gradient factor, R the range factor. Tensors whose consumer has no gradient
-        factor get the median A; tensors with no measurement at all (kept at full precision, not yet run)
-        keep their default weight (numel) scaled by the median measured weight per element.
+        weight = A * R (absolute) or A * R / D (relative): A the gradient factor, R the range factor, D the
+        consumer's squared gradient norm. Tensors whose consumer has no gradient factor get the median A
+        (A / D); tensors with no measurement at all (kept at full precision, not yet run) keep their default
+        weight (numel) scaled by the median measured weight per element.
         """
         rows: dict[str, dict[str, tuple[float, float]]] = {}
+        relative = self.config.sensitivity == "relative"
         for r in self.regions.values():
             if r.stats is not None and r.window:
                 values = (r.stats / r.window).tolist()  # the one host sync, once per re-plan
-                rows[r.key] = dict(zip(r.stat_names, map(tuple, values)))
+                own = rows[r.key] = {}
+                for name, (a, rng, d) in zip(r.stat_names, values):
+                    if relative:  # A / D; -1 (take the median) where either was not measured
+                        a = a / _signal(d, a * rng, r.bits.get(name)) if a >= 0 and d > 0 else -1.0
+                    own[name] = (a, rng)
         grads = [a for by_name in rows.values() for a, _ in by_name.values() if a >= 0]
         a_med = statistics.median(grads) if grads else 1.0
         weights: dict[str, dict[str, float]] = {}
@@ -272,6 +280,15 @@ def _dump(directory: str, plan: GraphPlan, suffix: str = "") -> None:
         f.write(plan.forward_code)
     with open(stem + "_backward.py", "w") as f:
         f.write(plan.backward_code)
+
+
+def _signal(d: float, noise_weight: float, bits: int | None) -> float:
+    """‖dW‖² less the rounding noise it was measured with: D is computed from the dequantized tensor, so
+    E[D] = ‖dW‖² + A·R·c/(2^b - 1)² (passes/sensitivity.py). Left in, the noise would make the tensors that
+    have few bits look less sensitive than they are. Floored at D/10 where noise would be nearly all of it."""
+    if not bits:
+        return d
+    return max(d - noise_weight * ROUNDING_VARIANCE / ((1 << bits) - 1) ** 2, d / 10)
 
 
 def observe(session_id: int, key: str, stats: Any) -> None:

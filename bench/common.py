@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 # ------------------------------------------------------------------------------------------------ modes
+NEVER = 10**9  # a warmup_steps no run reaches: the statistics are measured every step, no re-plan comes
 MODES: dict[str, dict[str, Any]] = {
     "eager": dict(backend=None),
     "inductor": dict(backend="inductor"),
@@ -54,6 +55,14 @@ MODES: dict[str, dict[str, Any]] = {
                                              recompute=0.3),
     "actc 2bit adaptive once": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
                                                              "replan_every": 0}),  # one re-plan, then fixed
+    # measures every step like adaptive, never re-plans: static's plan plus the statistics (what measuring costs)
+    "actc 2bit static + measuring": dict(backend="actc", options={"memory_budget": "2bit", "warmup_steps": NEVER}),
+    # the adaptive weights: "relative" (the default: per-layer variance over |grad|²) or "absolute" (summed)
+    "actc 2bit absolute": dict(backend="actc", options={"memory_budget": "2bit", "sensitivity": "absolute"}),
+    "actc 2bit absolute once": dict(backend="actc", options={"memory_budget": "2bit", "sensitivity": "absolute",
+                                                             "replan_every": 0}),
+    "actc 1.5bit absolute once": dict(backend="actc", options={"memory_budget": "1.5bit", "sensitivity": "absolute",
+                                                               "replan_every": 0}),
     "actc 1.5bit": dict(backend="actc", options={"memory_budget": "1.5bit"}),
     "actc 1.5bit static": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "static"}),
     "actc 1.5bit adaptive once": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "adaptive",
@@ -112,7 +121,7 @@ def replan_after(mode: dict[str, Any]) -> int:
     from actc.config import ActcConfig
 
     config = ActcConfig.from_options(mode.get("options"))
-    return config.warmup_steps if getattr(config, "allocation", "static") == "adaptive" else 0
+    return config.warmup_steps if config.allocation == "adaptive" and config.warmup_steps < NEVER else 0
 
 
 def compile_for(model: nn.Module, mode: dict[str, Any]) -> Callable:

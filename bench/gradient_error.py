@@ -9,6 +9,10 @@ whole model, with g the exact gradient, m the mean of the draws and v the per-el
   floor      sqrt(sum(v) / draws) / |g|, what rel bias is expected to be for an unbiased estimator; so
   excess     sqrt(max(0, bias^2 - floor^2)): the part of the bias that noise does not explain
   rel var    sum(v) / |g|^2: one draw's squared error relative to the gradient (variance per bit-width/layer)
+  layer mean the whole model's rows only: the mean over layers of their rel var. The whole-model rel var is
+             what SGD's step sees (actc's sensitivity="absolute" weights minimise it); Adam-family optimizers
+             scale each parameter's step by its own gradient's RMS, so each layer's relative variance counts
+             on its own, and the layer mean is what sensitivity="relative" (the default) minimises.
 
 "inductor" (no compression) shows what compiling alone changes against eager. The other default modes give
 every compressed tensor one width ("actc Nbit only"), or let the allocator mix widths at 2 bits on average:
@@ -43,7 +47,8 @@ DEFAULT_MODES = ["inductor", "actc 8bit only", "actc 4bit only", "actc 2bit only
                  "actc 2bit adaptive once", "actc 1.5bit static", "actc 1.5bit adaptive once",
                  "actc 2bit static + recompute 0.3"]
 WHOLE = "(all)"
-FIELDS = ("device", "model", "mode", "layer", "numel", "draws", "rel_bias", "floor", "excess", "rel_var")
+FIELDS = ("device", "model", "mode", "layer", "numel", "draws", "rel_bias", "floor", "excess", "rel_var",
+          "layer_mean")
 
 
 def tinygpt_case():
@@ -192,12 +197,16 @@ def main(argv=None) -> int:
     rows = common.merge_csv(out / "gradient_error.csv", rows, ("model", "mode", "layer"))
     order = [*MODELS], [*common.MODES]  # stable: each (model, mode)'s layers keep their order
     rows.sort(key=lambda r: tuple(o.index(r[k]) if r[k] in o else len(o) for o, k in zip(order, ("model", "mode"))))
+    for r in rows:
+        if r["layer"] == WHOLE:
+            own = [q["rel_var"] for q in rows if (q["model"], q["mode"]) == (r["model"], r["mode"]) and q["layer"] != WHOLE]
+            r["layer_mean"] = sum(own) / len(own) if own else None
     print("\nwhole model (relative to |exact gradient|):")
     whole = [dict(r, ratio=r["rel_bias"] / r["floor"] if r["floor"] else None) for r in rows if r["layer"] == WHOLE]
     common.print_table(whole, [("model", "model", ""), ("mode", "mode", ""), ("draws", "draws", "d"),
                                ("rel bias", "rel_bias", ".3e"), ("floor", "floor", ".3e"),
                                ("bias/floor", "ratio", ".2f"), ("excess", "excess", ".3e"),
-                               ("rel var", "rel_var", ".3e")])
+                               ("rel var", "rel_var", ".3e"), ("layer mean", "layer_mean", ".3e")])
     for model_name in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model_name and r["layer"] != WHOLE]
         names = list(dict.fromkeys(r["mode"] for r in rs))

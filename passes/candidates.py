@@ -43,7 +43,7 @@ SMOOTH_OPS = {"erf", "erfc", "tanh", "sigmoid", "log", "log1p", "log2", "sqrt", 
 STAT_OPS = {"var", "var_mean", "std", "std_mean", "native_batch_norm", "_native_batch_norm_legit",
             "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training", "_batch_norm_with_update",
             "native_layer_norm", "native_group_norm"}
-ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "view", "reshape", "expand", "permute", "clone",
+ELEMENTWISE = {"add", "sub", "rsub", "mul", "div", "neg", "view", "reshape", "expand", "permute", "clone",
                "convert_element_type", "squeeze", "unsqueeze"}
 # Attention backwards recompute softmax(q·kᵀ) from the saved q and k; v, out and the gradient enter linearly.
 ATTENTION_BACKWARD = "scaled_dot_product"
@@ -160,8 +160,9 @@ def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
         linear  only matmul/conv operands and linear elementwise ops (add, scale, mask, views, sums)
         other   linear elementwise ops alone, no matmul or conv
 
-    Products of two of its values that involve the incoming gradient (LayerNorm's backward: x̂ · Σ g x̂ / n)
-    are left "linear": there the squared error is divided by the reduced width.
+    A square of it that meets the gradient element by element (a decomposed tanh backward: g · (1 - ŷ²)) is
+    smooth too. Products of two of its values that involve the incoming gradient (LayerNorm's backward:
+    x̂ · Σ g x̂ / n) are left "linear": there the squared error is divided by the reduced width.
     """
     derived = {n for n in bw.graph.find_nodes(op="placeholder") if n.name in names}
     gradient = {n for n in bw.graph.find_nodes(op="placeholder") if n.name.startswith("tangents")}
@@ -188,6 +189,8 @@ def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
             cls = "stat"
         elif name in SMOOTH_OPS and nonlinear or name == "div" and 1 in hits:
             cls = "smooth"
+        elif node in gradient and any(n in squared for n in node.all_input_nodes):
+            cls = "smooth"  # a square meets the gradient element by element: tanh's g·(1 - ŷ²), E[ŷ²] = y² + Var(e)
         else:
             cls = "other"
             linear |= name in LINEAR_CONSUMERS or "convolution_backward" in name or attention

@@ -19,15 +19,27 @@ on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
 The allocator's proxy is weight / (2^b - 1)², so weight = A · R (the constant c drops out of the argmin).
 The defaults (weight = numel) are the same formula with A = 1 and a unit range.
 
-Cost. For each compressed tensor, two reductions: ‖G‖² of a gradient the consumer reads anyway, inserted
-right after the consumer so no tensor lives longer, and Σ range² from the per-group metadata the
-dequantize reads. The rows are stacked into one [n, 2] tensor and handed to ``actc::observe``, which adds
+Absolute or relative (option ``sensitivity``). A · R sums the variance over all parameters: what plain SGD
+adds to its step. Adam-family optimizers divide each parameter's step by its gradient's running RMS, so a
+layer's update noise is its variance over its squared gradient, whatever the layer's gradient scale; the
+summed absolute variance then favours the layers with the largest gradients (the LM head) and starves the
+others. ``"relative"`` divides each linear consumer's term by D = ‖dW‖², the squared norm of the gradient
+it computes (one more reduction, over a parameter-sized tensor), and sums relative variances instead:
+weight = A · R / D. Other consumers take the median A / D. D is measured on the dequantized tensor, so it
+holds the rounding noise too; the session subtracts its expectation, A · R · c / (2^b - 1)² at the bits the
+tensor had (actc/session.py, ``_signal``).
+
+Cost. For each compressed tensor, three reductions: ‖G‖² of a gradient the consumer reads anyway and ‖dW‖²
+of the gradient it writes, inserted right after the consumer so no tensor lives longer, and Σ range² from
+the per-group metadata the dequantize reads. The rows (A, R, D; -1 where not measured) are stacked into
+one [n, 3] tensor and handed to ``actc::observe``, which adds
 it to the session's buffer on the device: no host sync, no extra forward or backward pass.
 
 Before → after (backward):
     mm_1 = aten.mm(permute_3, view_4)                  mm_1 = aten.mm(permute_3, view_4)
                                                        stat = <stack(sum(permute_3²)·fan_in/numel,
-                                                                     group·sum((meta[:,1]·levels)²))>
+                                                                     group·sum((meta[:,1]·levels)²),
+                                                                     sum(mm_1²))>
     ...                                                ...
     return (...)                                       actc.observe(stack([stat, ...]), session, key)
                                                        return (...)
@@ -35,6 +47,7 @@ Before → after (backward):
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -42,6 +55,9 @@ import torch.fx as fx
 from actc import _torch_compat as compat
 from actc.passes.candidates import is_view, op_name
 from actc.passes.rewrite import Decision, inline, node_order
+
+
+ROUNDING_VARIANCE = 1 / 6  # c: the mean of p(1-p) over p uniform in [0, 1)
 
 
 @torch.library.custom_op("actc::observe", mutates_args=("stats",))
@@ -70,13 +86,14 @@ def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id:
         levels, group, numel = (1 << d.bits) - 1, d.group, d.saved.numel
         found = linear_consumer(d.bw_values)
         if found is not None:
-            consumer, grad, fan_in = found
-            traced = compat.trace(_linear_statistic(fan_in / numel, group, levels), grad.meta["val"], meta.meta["val"])
-            (row,) = inline(bw.graph, consumer.next, traced, [grad, meta])
+            consumer, grad, fan_in, out = found
+            inputs = [grad, meta] + ([out] if out is not None else [])
+            traced = compat.trace(_linear_statistic(fan_in / numel, group, levels), *[n.meta["val"] for n in inputs])
+            (row,) = inline(bw.graph, max(consumer, out or consumer, key=order).next, traced, inputs)
         else:
             def statistic(m):
                 r = group * (m[:, 1].float() * levels).square().sum()
-                return torch.stack([r * 0 - 1, r])  # A = -1: no gradient factor measured
+                return torch.stack([r * 0 - 1, r, r * 0 - 1])  # A = D = -1: no consumer measured
 
             first_reader = min(meta.users, key=order)
             traced = compat.trace(statistic, meta.meta["val"])
@@ -97,15 +114,17 @@ def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id:
 
 
 def _linear_statistic(per_element: float, group: int, levels: int):
-    def statistic(g, m):
+    def statistic(g, m, out=None):
         a = g.float().square().sum() * per_element
-        return torch.stack([a, group * (m[:, 1].float() * levels).square().sum()])
+        d = out.float().square().sum() if out is not None else a * 0 - 1
+        return torch.stack([a, group * (m[:, 1].float() * levels).square().sum(), d])
     return statistic
 
 
 def linear_consumer(values: list[fx.Node]):
-    """(consumer, gradient operand, fan_in) for the first weight-gradient op reading ``values`` (through
-    views) in the backward, or None."""
+    """(consumer, gradient operand, fan_in, output) for the first weight-gradient op reading ``values``
+    (through views) in the backward, or None. ``output`` is the node holding the gradient the consumer
+    computes (its weight gradient for a convolution; None if nothing reads it)."""
     reach, frontier = set(values), list(values)
     while frontier:
         node = frontier.pop(0)
@@ -129,10 +148,11 @@ def _operands(user: fx.Node, reach: set):
         x_first = args[0] in reach
         lead = 1 if name == "bmm" else 0
         fan_in = shape(args[0])[lead] if x_first else shape(args[1])[lead + 1]
-        return (args[1] if x_first else args[0]), _int(fan_in)
+        return (args[1] if x_first else args[0]), _int(fan_in), user
     if name == "convolution_backward" and args[1] in reach and args[0] not in reach:
         weight = shape(args[2])
-        return args[0], _int(math.prod(weight) // weight[0])
+        grad_weight = next((u for u in user.users if u.target is operator.getitem and u.args[1] == 1), None)
+        return args[0], _int(math.prod(weight) // weight[0]), grad_weight
     return None
 
 

@@ -42,6 +42,7 @@ def test_unknown_key_suggests_the_closest():
     ("keep_uncompressed", "yes", "True or False"), ("compress_masks", 1, "True or False"), ("dump_dir", 5, "directory"),
     ("allocation", "greedy", "'adaptive' or 'static'"), ("warmup_steps", 0, ">= 1"), ("warmup_steps", 2.5, ">= 1"),
     ("replan_every", -1, ">= 0"), ("replan_every", "often", ">= 0"),
+    ("sensitivity", "adam", "'relative' or 'absolute'"),
 ])
 def test_each_bad_value_has_its_own_error(key, value, fragment):
     with pytest.raises(ActcOptionError) as e:

@@ -229,6 +229,9 @@ W = torch.randn(16, 16)
     (lambda x, g: g * (0.5 * (1 + torch.erf(x * 0.7071)) + x * torch.exp(-0.5 * x * x) * 0.3989), ("smooth", "erf")),
     (lambda x, g: g * torch.exp(-0.5 * x * x), ("smooth", "exp")),
     (lambda x, g: g / x, ("smooth", "div")),
+    # tanh's backward, as an op and decomposed: the square of the noisy output meets g element by element
+    (lambda y, g: torch.ops.aten.tanh_backward(g, y), ("smooth", "tanh_backward")),
+    (lambda y, g: g * (1 - y * y), ("smooth", "mul")),
     # a matmul recomputed in the backward feeding exp (a logit recompute) is still exp
     (lambda x, g: torch.exp(x @ W) * g, ("exp", "exp")),
 ])
