@@ -13,7 +13,7 @@ class TensorPlan:
     shape: str
     dtype: str
     producer: str             # op that made it
-    kind: str                 # "quant" | "mask" | "keep" (allocator kept it) | "skip"
+    kind: str                 # "quant" | "mask" | "keep" (allocator kept it) | "skip" | "recompute" (passes/remat.py)
     bits: int | None          # stored bits per element (None when skipped)
     bytes_before: int
     bytes_after: int

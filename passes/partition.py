@@ -1,7 +1,7 @@
 """The custom partitioner: Inductor's min-cut partition, then compression of what it saves.
 
     joint graph ─ min_cut_rematerialization_partition ─▶ (fw, bw)        stock; applies activation_memory_budget
-                └ find_candidates ─▶ hoist_comparisons ─▶ allocate (bits under the session's budget)
+                └ recompute_from_saved ─▶ find_candidates ─▶ hoist_comparisons ─▶ allocate (bits under the session's budget)
                   ─▶ rewrite(fw, bw) ─▶ insert_statistics(bw) (adaptive) ─▶ (fw', bw')
 
 If anything in actc fails, the stock partition is returned and the error is logged once: training
@@ -20,8 +20,9 @@ import torch.fx as fx
 from actc import _torch_compat as compat
 from actc.kernels import quant
 from actc.passes import allocate as alloc
-from actc.passes.candidates import MIN_BITS, Saved, find_candidates
+from actc.passes.candidates import MIN_BITS, Saved, find_candidates, op_name
 from actc.passes.hoist import find_comparisons, hoist_comparisons
+from actc.passes.remat import recompute_from_saved
 from actc.passes.rewrite import Decision, rewrite, trace_pair
 from actc.passes.sensitivity import insert_statistics
 from actc.plan import GraphPlan, TensorPlan
@@ -87,12 +88,14 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
              static: bool = True):
     """Find, allocate and rewrite; returns the session's region for this graph and its plan."""
     config = session.config
+    recomputed = recompute_from_saved(fw, bw, num_fwd_outputs, config.min_bytes)
     records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config)
     quants = [r for r in records if r.kind == "quant"]
     cands = [_candidate(r, config, _mask_bytes(fw, bw, r) if config.compress_masks else 0) for r in quants]
     fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
                 for r in records if r.kind != "quant" and r.activation)
-    activation = sum(r.full_bytes for r in records if r.activation)
+    moved = [_recomputed_plan(fw, name, source) for name, source in recomputed.items()]
+    activation = sum(r.full_bytes for r in records if r.activation) + sum(t.bytes_before for t in moved)
     region = session.region(key, cands, fixed, activation, replannable=static)
     bits_by_name, feasible, budget = session.plan_bits(region)
     compressed = {a.name for r in quants if bits_by_name[r.name] != r.dtype.itemsize * 8 for a in r.aliases}
@@ -126,8 +129,19 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
         region.stat_names = insert_statistics(bw, decisions, session.id, key)
     region.bits, region.forced = dict(bits_by_name), None
     plan = GraphPlan(graph=region.index, budget=str(config.memory_budget), budget_bytes=budget + fixed,
-                     feasible=feasible, tensors=tensors)
+                     feasible=feasible, tensors=tensors + moved)
     return region, plan
+
+
+def _recomputed_plan(fw: fx.GraphModule, name: str, source: str) -> TensorPlan:
+    """The plan's row for a tensor that passes/remat.py no longer saves."""
+    node = next(n for n in fw.graph.nodes if n.name == name)
+    val = node.meta["val"]
+    nbytes = val.numel() * val.element_size()
+    return TensorPlan(name=name, shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""),
+                      producer=op_name(node),
+                      kind="recompute", bits=None, bytes_before=nbytes, bytes_after=0,
+                      reason=f"recomputed in the backward from %{source} (pointwise)")
 
 
 def _mask_bytes(fw: fx.GraphModule, bw: fx.GraphModule, r: Saved) -> int:

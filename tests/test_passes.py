@@ -50,6 +50,20 @@ def test_mlp_plan_bits_and_bytes():
     assert "inductor_random" in plan.forward_code  # rounding noise comes from Inductor's seeded RNG
 
 
+def test_gelu_output_read_only_by_a_matmul_is_recomputed():
+    """passes/remat.py: the GELU output (mul_2) is saved for fc2's weight gradient alone; it is recomputed in
+    the backward from the dequantized GELU input (addmm, which GELU's backward reads anyway) and not saved.
+    The ReLU output, read by a matmul too, is not a function of another saved tensor and stays quantized."""
+    tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget="2bit", min_bytes=1024))
+    gelu = tensors["mul_2"]
+    assert (gelu.kind, gelu.bits, gelu.bytes_before, gelu.bytes_after) == ("recompute", None, 32 * 256 * 4, 0)
+    assert "from %addmm" in gelu.reason and tensors["relu"].kind == "quant"
+    bw_signature = plan.backward_code.split("def forward(")[1].split(")")[0]
+    assert "mul_2" not in bw_signature and "addmm_codes" in bw_signature
+    assert plan.backward_code.count("aten.erf.default(") == 2  # GELU recomputed, and GELU's own backward
+    assert plan.bytes_before == sum(t.bytes_before for t in tensors.values() if t.activation)
+
+
 def test_masks_are_one_bit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.5), nn.Linear(256, 8))
@@ -103,8 +117,9 @@ def test_fraction_budget_is_met_and_can_keep_tensors():
     tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=0.1, min_bytes=1024))
     assert plan.feasible and plan.bytes_after <= 0.1 * plan.bytes_before
     tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=1.0, min_bytes=1024))
-    assert all(t.kind in ("keep", "skip") for t in tensors.values())
-    assert plan.bytes_after == plan.bytes_before
+    assert all(t.kind in ("keep", "skip", "recompute") for t in tensors.values())
+    # only the GELU output, recomputed from the (here exact) GELU input, is not saved
+    assert plan.bytes_after == plan.bytes_before - tensors["mul_2"].bytes_before
 
 
 def test_infeasible_budget_warns_once_and_uses_the_tightest_plan(caplog):
