@@ -174,7 +174,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 GOAL = 0.8  # the issue's target on GPU: >= 80% of copy bandwidth at >= 64 MiB
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> bool:
     """Top: GB/s against size, one panel per op, one line per (path, bits), the copy in each.
     Bottom: the same as a fraction of the copy's bandwidth, with the 80% goal."""
     try:
@@ -183,7 +183,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
+        return False
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True, sharey="row")
     copy = sorted((r["size_mib"], r["gbps"]) for r in rows if r["path"] == "copy")
     for col, op in enumerate(("compress", "decompress")):
@@ -209,6 +209,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,8 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) / tag
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "kernels.csv")
-    plot(rows, out / "kernels.png", f"quantize / dequantize vs copy, group {args.group}, {tag}")
-    print(f"wrote {out / 'kernels.csv'} and {out / 'kernels.png'}")
+    plotted = plot(rows, out / "kernels.png", f"quantize / dequantize vs copy, group {args.group}, {tag}")
+    print(f"wrote {out / 'kernels.csv'}" + (f" and {out / 'kernels.png'}" if plotted else ""))
 
 
 if __name__ == "__main__":

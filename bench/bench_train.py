@@ -216,11 +216,11 @@ def max_batch(args: argparse.Namespace, model: str, mode: str, start: int) -> in
     return lo or None
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> bool:
     """One row of panels per model: saved MiB per mode, step time over inductor's."""
     plt = common.pyplot()
     if plt is None:
-        return
+        return False
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 3.6 * len(models)), squeeze=False)
     for (ax_mem, ax_time), model in zip(axes, models):
@@ -253,6 +253,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -318,8 +319,8 @@ def main(argv=None) -> int:
         if r.get("note"):
             print(f"  {r['model']} / {r['mode']}: {r['note']}")
     common.write_csv(rows, out / f"{stem}.csv", FIELDS)
-    plot(rows, out / f"{stem}.png", f"training step, {tag}: {common.machine()}")
-    print(f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.png'}")
+    plotted = plot(rows, out / f"{stem}.png", f"training step, {tag}: {common.machine()}")
+    print(f"wrote {out / f'{stem}.csv'}" + (f" and {out / f'{stem}.png'}" if plotted else ""))
     return 0
 
 

@@ -16,12 +16,14 @@ loss within 1%. Inductor's caches are disabled (TORCHINDUCTOR_FORCE_DISABLE_CACH
 each mode's graphs really go through its partitioner.
 
     python bench/convergence.py [--task fmnist|enwiki|all] [--modes "inductor,actc 2bit"] [--data DIR]
-                                [--epochs 2] [--steps 1000] [--limit N] [--threads 1] [--out results]
+                                [--epochs 2] [--steps 1000] [--seed 0] [--limit N] [--threads 1] [--out results]
 
 --data defaults to ../shared/data beside the repo (see its README for the files and where they come from).
 Writes <out>/<device-tag>/convergence_<task>.csv (one row per mode), convergence_<task>_curve.csv (loss per
 step, evaluations) and convergence_<task>.png. A run with --modes replaces those modes' rows and keeps the
 others, so modes can be run one process at a time. --limit N stops every mode after N steps (smoke runs).
+--seed S (default 0) changes the initial weights, the data order and the rounding draws; its rows are named
+"<mode> seedS" and compared with "inductor seedS", so a second seed shows how much of a gap is noise.
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="fmnist epochs")
     p.add_argument("--steps", type=int, default=1000, help="enwiki steps")
     p.add_argument("--eval-every", type=int, default=250, help="enwiki: steps between validation estimates")
+    p.add_argument("--seed", type=int, default=0, help="weights, data order and rounding draws (0: the default rows)")
     p.add_argument("--limit", type=int, default=None, help="stop each mode after this many steps (smoke runs)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
     p.add_argument("--out", default=str(common.REPO / "results"), help="files go to OUT/<device-tag>/")
@@ -70,17 +73,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------- data order
-def fmnist_batches(x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int):
+def fmnist_batches(x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int, seed: int = 0):
     """Every epoch a fresh permutation from a fixed seed: the same order for every mode."""
     for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1000 + epoch))
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1000 + epoch + 100 * seed))
         for i in range(0, len(x) - batch + 1, batch):
             idx = order[i:i + batch]
             yield x[idx], y[idx], (i + batch) >= len(x) - batch + 1  # last batch of the epoch
 
 
-def lm_batches(data: torch.Tensor, batch: int, context: int, steps: int, every: int):
-    g = torch.Generator().manual_seed(1000)
+def lm_batches(data: torch.Tensor, batch: int, context: int, steps: int, every: int, seed: int = 0):
+    g = torch.Generator().manual_seed(1000 + seed)
     offsets = torch.arange(context + 1)
     for step in range(steps):
         seq = data[torch.randint(0, len(data) - context - 1, (batch, 1), generator=g) + offsets].long()
@@ -113,20 +116,20 @@ def bits_per_byte(model: torch.nn.Module, data: torch.Tensor, context: int, wind
 # --------------------------------------------------------------------------------------------- training
 def train(task: str, mode: dict, data: tuple, args: argparse.Namespace) -> tuple[dict, list[dict]]:
     spec = TASKS[task]
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = spec["build"]()
     model.train()
     opt = spec["opt"](model.parameters())
     if task == "fmnist":
         xtr, ytr, xte, yte = data
         total = args.epochs * (len(xtr) // spec["batch"])
-        batches = fmnist_batches(xtr, ytr, spec["batch"], args.epochs)
+        batches = fmnist_batches(xtr, ytr, spec["batch"], args.epochs, args.seed)
         evaluate = lambda: accuracy(model, xte, yte)  # noqa: E731
         final = evaluate
     else:
         train_bytes, val_bytes = data
         total = args.steps
-        batches = lm_batches(train_bytes, spec["batch"], 128, total, args.eval_every)
+        batches = lm_batches(train_bytes, spec["batch"], 128, total, args.eval_every, args.seed)
         evaluate = lambda: bits_per_byte(model, val_bytes, 128, windows=256)  # noqa: E731  a fixed quick estimate
         final = lambda: bits_per_byte(model, val_bytes, 128)  # noqa: E731
     steps = min(total, args.limit or total)
@@ -134,7 +137,7 @@ def train(task: str, mode: dict, data: tuple, args: argparse.Namespace) -> tuple
     curve, x, times, eval_s = [], None, [], 0.0
     with common.mode_config(mode), common.actc_warnings() as warned:
         fn = common.compile_for(common.LossOf(model, "logits"), mode)
-        torch.manual_seed(1)  # dropout masks and stochastic rounding draw from here on, the same for every mode
+        torch.manual_seed(1 + args.seed)  # dropout masks and stochastic rounding draw from here on, the same for every mode
         for step, (x, y, eval_now) in enumerate(batches):
             if step == steps:
                 break
@@ -162,11 +165,11 @@ def train(task: str, mode: dict, data: tuple, args: argparse.Namespace) -> tuple
     return summary, curve
 
 
-def plot(task: str, curve: list[dict], path: Path, title: str) -> None:
+def plot(task: str, curve: list[dict], path: Path, title: str) -> bool:
     """Training loss (moving average), its difference to the baseline's, and the evaluation metric, per mode."""
     plt = common.pyplot()
     if plt is None:
-        return
+        return False
     fig, (ax_loss, ax_diff, ax_eval) = plt.subplots(1, 3, figsize=(16, 4.5))
     modes = list(dict.fromkeys(r["mode"] for r in curve))
     smooth: dict[str, list[float]] = {}
@@ -181,9 +184,10 @@ def plot(task: str, curve: list[dict], path: Path, title: str) -> None:
         rs = [r for r in curve if r["mode"] == mode]
         steps = [r["step"] for r in rs]
         ax_loss.plot(steps, smooth[mode], lw=1, color=f"C{j}", label=mode)
-        if BASELINE in smooth and mode != BASELINE:
-            n = min(len(smooth[mode]), len(smooth[BASELINE]))
-            diff = [a - b for a, b in zip(smooth[mode][:n], smooth[BASELINE][:n])]
+        ref = BASELINE + seed_suffix(mode)
+        if ref in smooth and mode != ref:
+            n = min(len(smooth[mode]), len(smooth[ref]))
+            diff = [a - b for a, b in zip(smooth[mode][:n], smooth[ref][:n])]
             ax_diff.plot(steps[:n], diff, lw=1, color=f"C{j}", label=mode)
             diff_tail += [abs(d) for d in diff[n // 20:]]
         ev = [(r["step"], float(r["eval"])) for r in rs if r["eval"] not in ("", None)]
@@ -205,16 +209,24 @@ def plot(task: str, curve: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
+
+
+def seed_suffix(mode: str) -> str:
+    """" seedS" for the rows of a --seed run, "" for the default seed's."""
+    return mode[mode.rfind(" seed"):] if " seed" in mode else ""
 
 
 def report(task: str, rows: list[dict]) -> None:
     spec = TASKS[task]
-    base = next((r for r in rows if r["mode"] == BASELINE), None)
+    bases = {r["mode"][len(BASELINE):]: r for r in rows if r["mode"].startswith(BASELINE)}  # by " seedS" suffix
+    base = bases.get("")
     for r in rows:
-        if base is not None:
-            r["delta"] = r["value"] - base["value"]
+        own = bases.get(seed_suffix(r["mode"]))
+        if own is not None:
+            r["delta"] = r["value"] - own["value"]
             if spec["target"][0] == "relative":
-                r["delta"] = r["delta"] / base["value"]
+                r["delta"] = r["delta"] / own["value"]
     unit = "points" if spec["target"][0] == "points" else "relative"
     common.print_table(rows, [("mode", "mode", ""), ("steps", "steps", "d"), (spec["metric"], "value", ".4f"),
                               (f"delta vs {BASELINE} ({unit})", "delta", "+.4f"),
@@ -246,6 +258,7 @@ def main(argv=None) -> int:
         data = common.fashion_mnist(root) if task == "fmnist" else common.enwiki(root)
         rows, curve = [], []
         for name, mode in modes.items():
+            name = name if args.seed == 0 else f"{name} seed{args.seed}"
             print(f"{task} / {name}", flush=True)
             summary, c = train(task, mode, data, args)
             rows.append(dict(device=tag, task=task, mode=name, **summary))
@@ -257,8 +270,9 @@ def main(argv=None) -> int:
         report(task, rows)
         common.write_csv(rows, out / f"convergence_{task}.csv", SUMMARY)
         common.write_csv(curve, out / f"convergence_{task}_curve.csv", CURVE)
-        plot(task, curve, out / f"convergence_{task}.png", f"{task}: same seed, data and steps; {common.machine()}")
-        print(f"wrote {out}/convergence_{task}.csv, convergence_{task}_curve.csv and convergence_{task}.png\n")
+        plotted = plot(task, curve, out / f"convergence_{task}.png", f"{task}: same seed, data and steps; {common.machine()}")
+        print(f"wrote {out}/convergence_{task}.csv and convergence_{task}_curve.csv"
+              + (f" and convergence_{task}.png" if plotted else "") + "\n")
     return 0
 
 

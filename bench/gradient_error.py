@@ -131,11 +131,11 @@ def measure(model: torch.nn.Module, batch: tuple, mode: dict, draws: int = 256,
     return {k: stats(cat(exact, names), cat(total, names), cat(total_sq, names), draws) for k, names in groups.items()}
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> bool:
     """Per model: relative variance per layer and mode (log), and whole-model bias against its noise floor."""
     plt = common.pyplot()
     if plt is None:
-        return
+        return False
     models = list(dict.fromkeys(r["model"] for r in rows))
     known = list(common.MODES)
     modes = sorted(dict.fromkeys(r["mode"] for r in rows), key=lambda m: known.index(m) if m in known else len(known))
@@ -171,6 +171,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -197,9 +198,13 @@ def main(argv=None) -> int:
     rows = common.merge_csv(out / "gradient_error.csv", rows, ("model", "mode", "layer"))
     order = [*MODELS], [*common.MODES]  # stable: each (model, mode)'s layers keep their order
     rows.sort(key=lambda r: tuple(o.index(r[k]) if r[k] in o else len(o) for o, k in zip(order, ("model", "mode"))))
+    per_layer: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["layer"] != WHOLE:
+            per_layer.setdefault((r["model"], r["mode"]), []).append(r["rel_var"])
     for r in rows:
         if r["layer"] == WHOLE:
-            own = [q["rel_var"] for q in rows if (q["model"], q["mode"]) == (r["model"], r["mode"]) and q["layer"] != WHOLE]
+            own = per_layer.get((r["model"], r["mode"]))
             r["layer_mean"] = sum(own) / len(own) if own else None
     print("\nwhole model (relative to |exact gradient|):")
     whole = [dict(r, ratio=r["rel_bias"] / r["floor"] if r["floor"] else None) for r in rows if r["layer"] == WHOLE]
@@ -217,8 +222,8 @@ def main(argv=None) -> int:
         common.print_table(list(table.values()), [("layer", "layer", ""), ("numel", "numel", "d")]
                            + [(m.replace("actc ", ""), m, ".2e") for m in names])
     common.write_csv(rows, out / "gradient_error.csv", FIELDS)
-    plot(rows, out / "gradient_error.png", f"gradient error of compressed activations; {common.machine()}")
-    print(f"\nwrote {out / 'gradient_error.csv'} and {out / 'gradient_error.png'}")
+    plotted = plot(rows, out / "gradient_error.png", f"gradient error of compressed activations; {common.machine()}")
+    print(f"\nwrote {out / 'gradient_error.csv'}" + (f" and {out / 'gradient_error.png'}" if plotted else ""))
     return 0
 
 

@@ -88,16 +88,12 @@ def hoist_comparisons(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: i
             bw.graph.erase_node(c)
 
     bw.graph.eliminate_dead_code()  # recomputations that only fed the comparisons
-    for i in range(len(outputs) - 1, num_fwd_outputs - 1, -1):
-        node = outputs[i]
-        ph = bw_ph.get(node.name) if isinstance(node, fx.Node) and node.name in names else None
-        if ph is not None and not ph.users:
-            bw.graph.erase_node(ph)
-            del outputs[i]
-            if descs is not None:
-                del descs[i]
+    unread = {n.name for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node) and n.name in names
+              and n.name in bw_ph and not bw_ph[n.name].users}
+    for name in unread:
+        bw.graph.erase_node(bw_ph[name])
     out.args = (tuple(outputs),)
-    renumber_saved_descs(out, num_fwd_outputs)
+    drop_saved_outputs(out, num_fwd_outputs, unread)
     fw.graph.lint()
     bw.graph.lint()
     fw.recompile()
@@ -141,6 +137,19 @@ def _fresh(base: str, taken: set[str]) -> str:
         name = f"{base}_{k}"
     taken.add(name)
     return name
+
+
+def drop_saved_outputs(out: fx.Node, num_fwd_outputs: int, names: set[str]) -> None:
+    """Remove the saved tensors ``names`` from the forward's outputs (the caller removed their backward
+    placeholders), keeping ``meta["desc"]`` in step."""
+    outputs, descs = list(out.args[0]), out.meta.get("desc")
+    for i in range(len(outputs) - 1, num_fwd_outputs - 1, -1):
+        if isinstance(outputs[i], fx.Node) and outputs[i].name in names:
+            del outputs[i]
+            if descs is not None:
+                del descs[i]
+    out.args = (tuple(outputs),)
+    renumber_saved_descs(out, num_fwd_outputs)
 
 
 def renumber_saved_descs(out: fx.Node, num_fwd_outputs: int) -> None:

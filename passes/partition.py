@@ -15,6 +15,7 @@ import math
 import os
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 from actc import _torch_compat as compat
@@ -94,7 +95,7 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     cands = [_candidate(r, config, _mask_bytes(fw, bw, r) if config.compress_masks else 0) for r in quants]
     fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
                 for r in records if r.kind != "quant" and r.activation)
-    moved = [_recomputed_plan(fw, name, source) for name, source in recomputed.items()]
+    moved = [_recomputed_plan(node, source) for node, source in recomputed.items()]
     activation = sum(r.full_bytes for r in records if r.activation) + sum(t.bytes_before for t in moved)
     region = session.region(key, cands, fixed, activation, replannable=static)
     bits_by_name, feasible, budget = session.plan_bits(region)
@@ -133,15 +134,16 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     return region, plan
 
 
-def _recomputed_plan(fw: fx.GraphModule, name: str, source: str) -> TensorPlan:
+def _recomputed_plan(node: fx.Node, source: str) -> TensorPlan:
     """The plan's row for a tensor that passes/remat.py no longer saves."""
-    node = next(n for n in fw.graph.nodes if n.name == name)
     val = node.meta["val"]
-    nbytes = val.numel() * val.element_size()
-    return TensorPlan(name=name, shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""),
-                      producer=op_name(node),
-                      kind="recompute", bits=None, bytes_before=nbytes, bytes_after=0,
+    return TensorPlan(name=node.name, **_shape_dtype(val), producer=op_name(node), kind="recompute", bits=None,
+                      bytes_before=val.numel() * val.element_size(), bytes_after=0,
                       reason=f"recomputed in the backward from %{source} (pointwise)")
+
+
+def _shape_dtype(val: torch.Tensor) -> dict[str, str]:
+    return dict(shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""))
 
 
 def _mask_bytes(fw: fx.GraphModule, bw: fx.GraphModule, r: Saved) -> int:
@@ -175,7 +177,6 @@ def _tensor_plan(r: Saved, bits, kept: bool, config, cands) -> TensorPlan:
     elif r.kind == "mask":
         after = quant.mask_bytes(r.numel)
     weight = next((c.weight for c in cands if c.id == r.name), 0.0)
-    return TensorPlan(name=r.name, shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""),
-                      producer=r.producer, kind=kind, bits=bits if kind in ("quant", "mask") else None,
+    return TensorPlan(name=r.name, **_shape_dtype(val), producer=r.producer, kind=kind, bits=bits if kind in ("quant", "mask") else None,
                       bytes_before=0 if r.added else r.full_bytes, bytes_after=after, reason=reason, consumer=r.consumer, weight=weight,
                       activation=r.activation)

@@ -31,25 +31,24 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from actc.passes.candidates import is_view, op_name
-from actc.passes.hoist import renumber_saved_descs
+from actc.passes.candidates import LINEAR_CONSUMERS, is_view, op_name
+from actc.passes.hoist import drop_saved_outputs
 from actc.passes.rewrite import node_order
 
 POINTWISE = {"add", "sub", "rsub", "mul", "div", "neg", "erf", "tanh", "sigmoid", "exp", "pow",
              "convert_element_type", "view", "_unsafe_view", "reshape"}  # reshapes: a 3-d GELU between 2-d matmuls
-EXTERN = {"mm", "bmm", "addmm", "baddbmm", "convolution_backward"}
 MAX_CHAIN = 16
 
 
 def recompute_from_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
-                         min_bytes: int) -> dict[str, str]:
+                         min_bytes: int) -> dict[fx.Node, str]:
     """Move every saved tensor that qualifies (see the module docstring) into the backward as a recompute;
-    returns {moved tensor: the saved tensor it is recomputed from}."""
+    returns {moved tensor's forward node: the name of the saved tensor it is recomputed from}."""
     out = fw.graph.find_nodes(op="output")[0]
-    outputs, descs = list(out.args[0]), out.meta.get("desc")
+    outputs = list(out.args[0])
     bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
     saved = {n.name: n for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node) and n.name in bw_ph}
-    moved: dict[str, str] = {}
+    moved: dict[fx.Node, str] = {}
     for t in list(saved.values()):
         val = t.meta.get("val")
         if t.name in moved.values() or not isinstance(val, torch.Tensor) or not val.is_floating_point():
@@ -59,7 +58,7 @@ def recompute_from_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs
         if val.numel() * val.element_size() < min_bytes or not _extern_only(bw_ph[t.name]):
             continue
         chain, source = _pointwise_chain(t, saved)
-        if source is None or source.name in moved or _extern_only(bw_ph[source.name]):
+        if source is None or source in moved or _extern_only(bw_ph[source.name]):
             continue
         env = {source: bw_ph[source.name]}
         with bw.graph.inserting_before(min(bw_ph[t.name].users, key=node_order(bw))):
@@ -68,16 +67,10 @@ def recompute_from_saved(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs
         bw_ph[t.name].replace_all_uses_with(env[t])
         bw.graph.erase_node(bw_ph[t.name])
         _sink(bw, [env[n] for n in chain])
-        moved[t.name] = source.name
+        moved[t] = source.name
     if not moved:
         return moved
-    for i in range(len(outputs) - 1, num_fwd_outputs - 1, -1):
-        if isinstance(outputs[i], fx.Node) and outputs[i].name in moved:
-            del outputs[i]
-            if descs is not None:
-                del descs[i]
-    out.args = (tuple(outputs),)
-    renumber_saved_descs(out, num_fwd_outputs)
+    drop_saved_outputs(out, num_fwd_outputs, {t.name for t in moved})
     for gm in (fw, bw):
         gm.graph.lint()
         gm.recompile()
@@ -137,6 +130,6 @@ def _extern_only(node: fx.Node) -> bool:
         if is_view(user):
             if not _extern_only(user):
                 return False
-        elif user.op != "call_function" or op_name(user) not in EXTERN:
+        elif user.op != "call_function" or op_name(user) not in LINEAR_CONSUMERS:
             return False
     return True

@@ -15,6 +15,15 @@ on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
 * Any other consumer (an elementwise backward such as GELU's, attention): the noise goes through a local
   derivative we do not model. R is still measured; the gradient factor is taken as the median A of the
   tensors measured in the same session ("fall back to numel": a tensor of average range gets numel · A).
+* Normalizations (BatchNorm / LayerNorm inputs, or their x̂) are in that fallback on purpose. Their backward
+  rebuilds x̂ = (X̂ - mean) · rstd and takes dγ = Σ G ⊙ x̂, which is linear in E like a weight gradient
+  (A = ‖G ⊙ rstd‖² / numel, D = ‖dγ‖²). But x̂ also enters the input gradient, dx ∝ G - mean(G) - x̂ ·
+  mean(G ⊙ x̂), and from there every layer upstream, which no local reduction sees. Both ways of using the
+  dγ term were measured (bench/gradient_error.py, 256 draws, with a variant of this module not kept):
+  dγ alone gave ConvNet's last BatchNorm input 1 bit at a 2-bit budget, and the relative gradient
+  variance of every layer upstream rose (layer mean 0.30 -> 0.49, whole model 0.022 -> 0.034); dγ plus
+  the median weight left ConvNet's plans as static's and raised TinyGPT's at 1.5 bits (layer mean 1.59 ->
+  2.11, whole 3.36 -> 3.47), against 1.33 and 3.34 with the fallback.
 
 The allocator's proxy is weight / (2^b - 1)², so weight = A · R (the constant c drops out of the argmin).
 The defaults (weight = numel) are the same formula with A = 1 and a unit range.
