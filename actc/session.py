@@ -55,6 +55,7 @@ class Region:
     version: int = 0                    # bumped by every re-plan that changes this region's bits
     plan: GraphPlan | None = None
     stat_names: list[str] = field(default_factory=list)     # rows of the statistics, in order
+    stat_partial: set[str] = field(default_factory=set)     # rows that measure a part of the sensitivity
     stats: torch.Tensor | None = None   # [n, 3] sums over the window: gradient factor A, range factor R,
     #                                     the consumer's squared gradient norm D (passes/sensitivity.py)
     window: int = 0                     # backward passes accumulated in ``stats``
@@ -172,10 +173,11 @@ class Session:
 
         weight = A * R (absolute) or A * R / D (relative): A the gradient factor, R the range factor, D the
         consumer's squared gradient norm. Tensors whose consumer has no gradient factor get the median A
-        (A / D); tensors with no measurement at all (kept at full precision, not yet run) keep their default
-        weight (numel) scaled by the median measured weight per element.
+        (A / D) of the fully measured ones, and partly measured ones their A plus that median; tensors with
+        no measurement at all (kept at full precision, not yet run) keep their default weight (numel) scaled
+        by the median measured weight per element.
         """
-        rows: dict[str, dict[str, tuple[float, float]]] = {}
+        rows: dict[str, dict[str, tuple[float, float, bool]]] = {}
         relative = self.config.sensitivity == "relative"
         for r in self.regions.values():
             if r.stats is not None and r.window:
@@ -184,8 +186,8 @@ class Session:
                 for name, (a, rng, d) in zip(r.stat_names, values):
                     if relative:  # A / D; -1 (take the median) where either was not measured
                         a = a / _signal(d, a * rng, r.bits.get(name)) if a >= 0 and d > 0 else -1.0
-                    own[name] = (a, rng)
-        grads = [a for by_name in rows.values() for a, _ in by_name.values() if a >= 0]
+                    own[name] = (a, rng, name in r.stat_partial)
+        grads = [a for by_name in rows.values() for a, _, partial in by_name.values() if a >= 0 and not partial]
         a_med = statistics.median(grads) if grads else 1.0
         weights: dict[str, dict[str, float]] = {}
         per_element = []
@@ -193,8 +195,8 @@ class Session:
             own = weights[r.key] = {}
             for c in r.candidates:
                 if c.id in rows.get(r.key, {}):
-                    a, rng = rows[r.key][c.id]
-                    own[c.id] = (a if a >= 0 else a_med) * rng
+                    a, rng, partial = rows[r.key][c.id]
+                    own[c.id] = (max(a, 0.0) + (a_med if a < 0 or partial else 0.0)) * rng
                     per_element.append(own[c.id] / max(c.weight, 1.0))
         scale = statistics.median(per_element) if per_element else 1.0
         return {r.key: [alloc.Candidate(c.id, c.bytes_at_bits, weights[r.key].get(c.id, c.weight * scale), c.full_bits)

@@ -127,7 +127,7 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
         tensors.append(_tensor_plan(r, bits, kept, config, cands))
     rewrite(fw, bw, decisions, num_fwd_outputs)
     if config.allocation == "adaptive" and static:
-        region.stat_names = insert_statistics(bw, decisions, session.id, key)
+        region.stat_names, region.stat_partial = insert_statistics(bw, decisions, session.id, key)
     region.bits, region.forced = dict(bits_by_name), None
     plan = GraphPlan(graph=region.index, budget=str(config.memory_budget), budget_bytes=budget + fixed,
                      feasible=feasible, tensors=tensors + moved)

@@ -15,6 +15,10 @@ on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
 * Any other consumer (an elementwise backward such as GELU's, attention): the noise goes through a local
   derivative we do not model. R is still measured; the gradient factor is taken as the median A of the
   tensors measured in the same session ("fall back to numel": a tensor of average range gets numel · A).
+* A tensor that a weight-gradient op reads and something else reads too (attention's output, read by the
+  projection's weight gradient and by attention's backward, where it enters the input gradient of q and
+  k) has noise paths the statistic does not follow; the session adds the median weight for them (a
+  "partial" row), so a measured weight gradient can raise its weight but not lower it below the fallback.
 * Normalizations (BatchNorm / LayerNorm inputs, or their x̂) are in that fallback on purpose. Their backward
   rebuilds x̂ = (X̂ - mean) · rstd and takes dγ = Σ G ⊙ x̂, which is linear in E like a weight gradient
   (A = ‖G ⊙ rstd‖² / numel, D = ‖dγ‖²). But x̂ also enters the input gradient, dx ∝ G - mean(G) - x̂ ·
@@ -84,9 +88,11 @@ def _(stats, session, key) -> None:
     return None
 
 
-def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id: int, key: str) -> list[str]:
-    """Add the statistics of every quantized tensor to ``bw``; returns the tensor names, one per row."""
-    rows, names = [], []
+def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id: int,
+                      key: str) -> tuple[list[str], set[str]]:
+    """Add the statistics of every quantized tensor to ``bw``; returns the tensor names, one per row, and
+    those whose row measures only a part of their sensitivity (a weight gradient, but other readers too)."""
+    rows, names, partial = [], [], set()
     order = node_order(bw)
     for d in decisions:
         if d.saved.kind != "quant" or not d.bw_parts or not d.bw_values:
@@ -96,6 +102,8 @@ def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id:
         found = linear_consumer(d.bw_values)
         if found is not None:
             consumer, grad, fan_in, out = found
+            if other_readers(d.bw_values):
+                partial.add(d.saved.name)
             inputs = [grad, meta] + ([out] if out is not None else [])
             traced = compat.trace(_linear_statistic(fan_in / numel, group, levels), *[n.meta["val"] for n in inputs])
             (row,) = inline(bw.graph, max(consumer, out or consumer, key=order).next, traced, inputs)
@@ -110,7 +118,7 @@ def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id:
         rows.append(row)
         names.append(d.saved.name)
     if not rows:
-        return []
+        return [], set()
     out = bw.graph.find_nodes(op="output")[0]
     traced = compat.trace(lambda *r: torch.stack(r), *[r.meta["val"] for r in rows])
     (stacked,) = inline(bw.graph, out, traced, rows)
@@ -119,7 +127,7 @@ def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id:
     call.meta["val"] = None
     bw.graph.lint()
     bw.recompile()
-    return names
+    return names, partial
 
 
 def _linear_statistic(per_element: float, group: int, levels: int):
@@ -148,6 +156,21 @@ def linear_consumer(values: list[fx.Node]):
             if found is not None:
                 return (user, *found)
     return None
+
+
+def other_readers(values: list[fx.Node]) -> bool:
+    """Does anything but a weight-gradient op read ``values`` (through views) in the backward?"""
+    reach, frontier = set(values), list(values)
+    while frontier:
+        for user in frontier.pop().users:
+            if user in reach:
+                continue
+            if is_view(user):
+                reach.add(user)
+                frontier.append(user)
+            elif user.op != "output" and _operands(user, reach) is None:
+                return True
+    return False
 
 
 def _operands(user: fx.Node, reach: set):

@@ -154,3 +154,32 @@ def test_static_allocation_measures_nothing():
     (region,) = session.regions.values()
     assert "actc.observe" not in region.plan.backward_code and region.observed == 0 and not session.replans
     assert "actc.observe" in _train(Branches(scale=(1.0, 100.0)), {**options, "allocation": "adaptive"}, 1).plans[0].backward_code
+
+
+def test_partly_measured_rows_add_the_median():
+    """Absolute weights = A · R. A row with no gradient factor (-1) takes the median A of the fully measured
+    rows; a partial row (a weight gradient, and readers the statistic does not follow) takes its A plus it."""
+    from actc.config import ActcConfig
+    from actc.passes import allocate as alloc
+    from actc.session import Session
+
+    session = Session(ActcConfig.from_options({"memory_budget": "2bit", "sensitivity": "absolute"}, env={}))
+    names = ["full_1", "full_3", "fallback", "partial"]
+    cands = [alloc.Candidate(n, {2: 10, 32: 100}, 1.0) for n in names]
+    region = session.region("g0", cands, fixed=0, activation=400, replannable=True)
+    region.stat_names, region.stat_partial = names, {"partial"}
+    region.observe(torch.tensor([[1.0, 10, -1], [3, 10, -1], [-1, 10, -1], [0.5, 10, -1]]))
+    weights = {c.id: c.weight for c in session.measured()["g0"]}
+    assert weights == {"full_1": 10.0, "full_3": 30.0, "fallback": 20.0, "partial": 25.0}
+
+
+def test_other_readers():
+    """The attention output's case: a weight gradient reads X, and so does another op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from actc.passes.sensitivity import other_readers
+
+    x, g = torch.randn(4, 3), torch.randn(4, 2)
+    for f, expected in ((lambda x, g: torch.mm(g.t(), x), False), (lambda x, g: (torch.mm(g.t(), x), x.exp()), True)):
+        gm = make_fx(f)(x, g)
+        placeholder = next(iter(gm.graph.find_nodes(op="placeholder")))
+        assert other_readers([placeholder]) is expected
