@@ -219,7 +219,7 @@ def seed_suffix(mode: str) -> str:
 
 def report(task: str, rows: list[dict]) -> None:
     spec = TASKS[task]
-    bases = {r["mode"][len(BASELINE):]: r for r in rows if r["mode"].startswith(BASELINE)}  # by " seedS" suffix
+    bases = {seed_suffix(r["mode"]): r for r in rows if r["mode"] == BASELINE + seed_suffix(r["mode"])}
     base = bases.get("")
     for r in rows:
         own = bases.get(seed_suffix(r["mode"]))

@@ -142,35 +142,31 @@ def linear_consumer(values: list[fx.Node]):
     """(consumer, gradient operand, fan_in, output) for the first weight-gradient op reading ``values``
     (through views) in the backward, or None. ``output`` is the node holding the gradient the consumer
     computes (its weight gradient for a convolution; None if nothing reads it)."""
-    reach, frontier = set(values), list(values)
-    while frontier:
-        node = frontier.pop(0)
-        for user in node.users:
-            if user in reach:
-                continue
-            if is_view(user):
-                reach.add(user)
-                frontier.append(user)
-                continue
-            found = _operands(user, reach)
-            if found is not None:
-                return (user, *found)
+    for user, reach in _readers(values):
+        found = _operands(user, reach)
+        if found is not None:
+            return (user, *found)
     return None
 
 
 def other_readers(values: list[fx.Node]) -> bool:
     """Does anything but a weight-gradient op read ``values`` (through views) in the backward?"""
+    return any(user.op != "output" and _operands(user, reach) is None for user, reach in _readers(values))
+
+
+def _readers(values: list[fx.Node]):
+    """The non-view nodes that read ``values`` through views, breadth first, each with the set of ``values``
+    and the views of them found so far (``_operands`` tells X's operand by it)."""
     reach, frontier = set(values), list(values)
     while frontier:
-        for user in frontier.pop().users:
+        for user in frontier.pop(0).users:
             if user in reach:
                 continue
             if is_view(user):
                 reach.add(user)
                 frontier.append(user)
-            elif user.op != "output" and _operands(user, reach) is None:
-                return True
-    return False
+            else:
+                yield user, reach
 
 
 def _operands(user: fx.Node, reach: set):
