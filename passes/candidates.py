@@ -66,6 +66,7 @@ class Saved:
     perm: tuple[int, ...] = ()
     consumer: str = ""                  # how the backward reads it: "linear" | "other" | "smooth" | "stat" | "exp"
     consumer_op: str = ""               # the op that made it "smooth" or "exp"
+    spread: float = 1.0                 # elements of the backward each stored element reaches (broadcasts)
     activation: bool = True             # False for primals and parameter-derived tensors: not counted
     dynamic: bool = False
     added: bool = False                 # a mask that actc moved into the forward: Inductor did not save it
@@ -205,6 +206,36 @@ def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
     return ("linear" if worst == "other" and linear else worst), op
 
 
+def broadcast_factor(bw: fx.GraphModule, names: list[str]) -> float:
+    """How many elements each stored element becomes where the backward reads it: the largest numel ratio
+    of an expand, or of a pointwise op that broadcasts it (a position embedding added to a batch of token
+    embeddings: the batch size), over the saved tensor's own numel; 1 if nothing broadcasts it.
+
+    One stored error then reaches that many elements of the backward, all with the same sign. For the
+    gradient that sums them this is at least as much variance as independent errors on the broadcast
+    tensor (equal when the local derivatives are uncorrelated, up to the factor again when they agree), so
+    the tensor weighs as the broadcast tensor would: numel · factor (passes/partition.py, sensitivity.py).
+    """
+    factor = 1.0
+    for start in bw.graph.find_nodes(op="placeholder"):
+        if start.name not in names or not isinstance(start.meta.get("val"), torch.Tensor):
+            continue
+        own = math.prod(compat.upper_bound(s) for s in start.meta["val"].shape)
+        frontier, seen = [start], {start}
+        while frontier:
+            for user in frontier.pop().users:
+                val = user.meta.get("val")
+                if user in seen or not isinstance(val, torch.Tensor):
+                    continue
+                seen.add(user)
+                if is_view(user):
+                    frontier.append(user)
+                elif torch.Tag.pointwise not in getattr(user.target, "tags", ()):
+                    continue
+                factor = max(factor, math.prod(compat.upper_bound(s) for s in val.shape) / max(own, 1))
+    return factor
+
+
 def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
                     static_indices: list[int] | None, config: ActcConfig,
                     hoisted: frozenset[str] = frozenset()) -> list[Saved]:
@@ -279,6 +310,7 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=f
             return skip(f"dynamic size can fall to one group ({least} elements)")
     rec.kind, rec.perm = kind, perm
     rec.consumer, rec.consumer_op = consumer_class(bw, [a.name for a in aliases])
+    rec.spread = broadcast_factor(bw, [a.name for a in aliases])
     need = MIN_BITS[rec.consumer] if kind == "quant" else 1
     why = f"read by {rec.consumer_op} in the backward ({rec.consumer}): needs >= {need} bits" if need > 1 else ""
     if need > max(config.bits):  # no width fine enough: it stays exact
@@ -289,5 +321,6 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=f
     elif root.name in hoisted:
         rec.added = True
         rec.reason = f"exact {op_name(root)} of %{root.args[0].name}, moved from the backward"
-    rec.reason = "; ".join(filter(None, (rec.reason, why)))
+    spread = f"broadcast x{rec.spread:g} in the backward: weighs as {rec.spread:g}x its elements" if rec.spread > 1 else ""
+    rec.reason = "; ".join(filter(None, (rec.reason, why, spread)))
     return rec

@@ -161,9 +161,10 @@ def _candidate(r: Saved, config, mask_bytes: int = 0) -> "alloc.Candidate":
              for b in config.bits if b >= MIN_BITS[r.consumer]}
     sizes[full_bits] = r.full_bytes
     # Default sensitivity: every element's rounding noise adds (range^2 / (2^b-1)^2)-proportional variance to
-    # the gradient it feeds, so the weight is the element count. Adaptive allocation replaces it with the
-    # weight measured in the backward (passes/sensitivity.py, actc/session.py).
-    return alloc.Candidate(id=r.name, bytes_at_bits=sizes, weight=float(r.numel), full_bits=full_bits)
+    # the gradient it feeds, so the weight is the element count, times the broadcast factor (one stored
+    # element that the backward reads as r.spread elements adds their variance: candidates.broadcast_factor).
+    # Adaptive allocation replaces it with the weight measured in the backward (passes/sensitivity.py).
+    return alloc.Candidate(id=r.name, bytes_at_bits=sizes, weight=float(r.numel) * r.spread, full_bits=full_bits)
 
 
 def _tensor_plan(r: Saved, bits, kept: bool, config, cands) -> TensorPlan:

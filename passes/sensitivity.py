@@ -15,6 +15,10 @@ on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
 * Any other consumer (an elementwise backward such as GELU's, attention): the noise goes through a local
   derivative we do not model. R is still measured; the gradient factor is taken as the median A of the
   tensors measured in the same session ("fall back to numel": a tensor of average range gets numel · A).
+  A tensor the backward reads broadcast (a position embedding added to each of B rows) has its R counted
+  B times: each stored error reaches B elements, with one sign, which is at least the variance of B
+  independent errors (passes/candidates.py, ``broadcast_factor``). Found on TinyGPT: counted once, its
+  position embedding looked 1/16 as sensitive as it is and re-plans dropped it from 8 bits to 1.
 * A tensor that a weight-gradient op reads and something else reads too (attention's output, read by the
   projection's weight gradient and by attention's backward, where it enters the input gradient of q and
   k) has noise paths the statistic does not follow; the session adds the median weight for them (a
@@ -30,7 +34,7 @@ on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
   2.11, whole 3.36 -> 3.47), against 1.33 and 3.34 with the fallback.
 
 The allocator's proxy is weight / (2^b - 1)², so weight = A · R (the constant c drops out of the argmin).
-The defaults (weight = numel) are the same formula with A = 1 and a unit range.
+The defaults (weight = numel, times that factor) are the same formula with A = 1 and a unit range.
 
 Absolute or relative (option ``sensitivity``). A · R sums the variance over all parameters: what plain SGD
 adds to its step. Adam-family optimizers divide each parameter's step by its gradient's running RMS, so a
@@ -108,8 +112,10 @@ def insert_statistics(bw: fx.GraphModule, decisions: list[Decision], session_id:
             traced = compat.trace(_linear_statistic(fan_in / numel, group, levels), *[n.meta["val"] for n in inputs])
             (row,) = inline(bw.graph, max(consumer, out or consumer, key=order).next, traced, inputs)
         else:
+            spread = d.saved.spread  # broadcast in the backward: each stored error counts that many times
+
             def statistic(m):
-                r = group * (m[:, 1].float() * levels).square().sum()
+                r = group * spread * (m[:, 1].float() * levels).square().sum()
                 return torch.stack([r * 0 - 1, r, r * 0 - 1])  # A = D = -1: no consumer measured
 
             first_reader = min(meta.users, key=order)

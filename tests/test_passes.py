@@ -266,3 +266,37 @@ def test_statistics_recomputed_in_the_backward_keep_a_fine_step():
     for consumer, widths in [("stat", [8, 32]), ("smooth", [4, 8, 32]), ("linear", [1, 2, 4, 8, 32])]:
         rec = Saved(node=node, aliases=[node], kind="quant", numel=4096, full_bytes=4 * 4096, consumer=consumer)
         assert sorted(_candidate(rec, ActcConfig()).bytes_at_bits) == widths
+
+
+def _broadcast(backward, saved_shape=(8, 16)):
+    """broadcast_factor of ``saved`` in the aten graph of ``backward(saved, tangents)``, tangents (4, 8, 16)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from actc.passes.candidates import broadcast_factor
+
+    def traced(saved, tangents):
+        return backward(saved, tangents)
+
+    gm = make_fx(traced)(torch.randn(saved_shape), torch.randn(4, 8, 16))
+    return broadcast_factor(gm, ["saved_1"])
+
+
+@pytest.mark.parametrize("backward, saved_shape, expected", [
+    (lambda p, g: g * (g + p), (8, 16), 4.0),                          # added to a batch: 4 rows share it
+    (lambda p, g: (g * p.expand(4, 8, 16)).sum(0), (8, 16), 4.0),     # an explicit expand
+    (lambda p, g: (g.sum(0) * p.t().t()).sum(), (8, 16), 1.0),         # views, then same-size pointwise
+    (lambda x, g: g * x.sum(-1, keepdim=True), (4, 8, 16), 1.0),       # a reduction is not a broadcast
+    (lambda x, g: g.flatten(0, 1).t() @ x.flatten(0, 1), (4, 8, 16), 1.0),  # a matmul operand
+])
+def test_broadcast_factor(backward, saved_shape, expected):
+    assert _broadcast(backward, saved_shape) == expected
+
+
+def test_broadcast_tensors_weigh_as_their_broadcast():
+    """A position embedding (context x width) is added to every row of the batch; its rounding error is the
+    same in all of them, so its default weight is its numel times the batch, and the plan says why."""
+    idx, targets = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
+    tensors, _ = by_name(actc.explain(LM(), idx, targets, memory_budget="2bit", min_bytes=1024))
+    pos = [t for t in tensors.values() if t.kind == "quant" and t.shape == "(32, 64)" and t.producer == "embedding"]
+    assert len(pos) == 1 and pos[0].weight == 32 * 64 * 4 and "broadcast x4" in pos[0].reason
+    tok = [t for t in tensors.values() if t.kind == "quant" and t.shape == "(4, 32, 64)" and t.producer == "embedding"]
+    assert len(tok) == 1 and tok[0].weight == 4 * 32 * 64 and "broadcast" not in tok[0].reason
