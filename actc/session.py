@@ -172,8 +172,8 @@ class Session:
         """Candidates with the weights measured in the backward (see passes/sensitivity.py).
 
         weight = A * R (absolute) or A * R / D (relative): A the gradient factor, R the range factor, D the
-        consumer's squared gradient norm. Tensors whose consumer has no gradient factor get the median A
-        (A / D) of the fully measured ones, and partly measured ones their A plus that median; tensors with
+        consumer's squared gradient norm. Tensors whose consumer has no gradient factor get the largest A
+        (A / D) of the fully measured ones, and partly measured ones their A plus that; tensors with
         no measurement at all (kept at full precision, not yet run) keep their default weight (numel) scaled
         by the median measured weight per element.
         """
@@ -184,11 +184,14 @@ class Session:
                 values = (r.stats / r.window).tolist()  # the one host sync, once per re-plan
                 own = rows[r.key] = {}
                 for name, (a, rng, d) in zip(r.stat_names, values):
-                    if relative:  # A / D; -1 (take the median) where either was not measured
+                    if relative:  # A / D; -1 (take the largest) where either was not measured
                         a = a / _signal(d, a * rng, r.bits.get(name)) if a >= 0 and d > 0 else -1.0
                     own[name] = (a, rng, name in r.stat_partial)
         grads = [a for by_name in rows.values() for a, _, partial in by_name.values() if a >= 0 and not partial]
-        a_med = statistics.median(grads) if grads else 1.0
+        # Unmeasured paths are assumed as sensitive as the most sensitive measured one. The median was
+        # too little: a normalization's x̂ enters its dγ and, through dx, every layer upstream, and re-plans
+        # that took bits from x̂ raised the mean relative variance over layers (passes/sensitivity.py).
+        a_unmeasured = max(grads) if grads else 1.0
         weights: dict[str, dict[str, float]] = {}
         per_element = []
         for r in self.regions.values():
@@ -196,7 +199,7 @@ class Session:
             for c in r.candidates:
                 if c.id in rows.get(r.key, {}):
                     a, rng, partial = rows[r.key][c.id]
-                    own[c.id] = (max(a, 0.0) + (a_med if a < 0 or partial else 0.0)) * rng
+                    own[c.id] = (max(a, 0.0) + (a_unmeasured if a < 0 or partial else 0.0)) * rng
                     per_element.append(own[c.id] / max(c.weight, 1.0))
         scale = statistics.median(per_element) if per_element else 1.0
         return {r.key: [alloc.Candidate(c.id, c.bytes_at_bits, weights[r.key].get(c.id, c.weight * scale), c.full_bits)

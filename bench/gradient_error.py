@@ -20,10 +20,12 @@ every compressed tensor one width ("actc Nbit only"), or let the allocator mix w
 the warmup_steps backward passes before that re-plan run first and are not counted; actc's default adaptive
 allocation also re-plans every 100 passes, which would mix plans inside the draws) and "static + recompute
 0.3" (with Inductor's recompute budget). Models: TinyGPT (GELU and attention, whose backwards are not linear in
-the saved inputs) and ConvNet (conv/BN/ReLU/max-pool), both without dropout. Inductor's caches are disabled
+the saved inputs) and ConvNet (conv/BN/ReLU/max-pool), both without dropout, at initialisation; and
+"enwiki", bench/convergence.py's LM after 300 AdamW steps on the Wikipedia slice (common.data_dir's
+folder, ../shared/data). Inductor's caches are disabled
 (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, unless already set) so actc's partitioner always runs.
 
-    python bench/gradient_error.py [--models tinygpt,convnet] [--modes "actc 2bit only,actc 2bit static"]
+    python bench/gradient_error.py [--models tinygpt,convnet,enwiki] [--modes "actc 2bit only,actc 2bit static"]
                                    [--draws 256] [--threads 1] [--out results]
 
 Prints the tables and writes <out>/<device-tag>/gradient_error.csv and gradient_error.png.
@@ -64,7 +66,28 @@ def convnet_case():
     return model, (torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
 
 
-MODELS = {"tinygpt": tinygpt_case, "convnet": convnet_case}
+def enwiki_case(steps: int = 300):
+    """bench/convergence.py's enwiki LM after ``steps`` eager AdamW steps on its data, and the next batch:
+    the model whose convergence the adaptive rows are judged on, mid-training (gradients no longer those of
+    a fresh initialisation). Needs the data folder (common.data_dir)."""
+    import convergence  # bench/: the task's model, optimizer and batches
+
+    spec = convergence.TASKS["enwiki"]
+    torch.manual_seed(0)
+    model = spec["build"]()
+    opt = spec["opt"](model.parameters())
+    train, _ = common.enwiki(common.data_dir(None))
+    batches = convergence.lm_batches(train, spec["batch"], 128, steps + 1, steps + 1)  # context 128
+    loss = common.LossOf(model, "logits")
+    for _, (x, y, _) in zip(range(steps), batches):
+        loss(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    x, y, _ = next(batches)
+    return model, (x, y)
+
+
+MODELS = {"tinygpt": tinygpt_case, "convnet": convnet_case, "enwiki": enwiki_case}
 
 
 @dataclass

@@ -13,15 +13,20 @@ on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
   features: X's other dimension for a matmul, C_in · kernel area for a convolution). A is a gradient
   factor, R the tensor's summed squared range (R / numel is its mean range² per element).
 * Any other consumer (an elementwise backward such as GELU's, attention): the noise goes through a local
-  derivative we do not model. R is still measured; the gradient factor is taken as the median A of the
-  tensors measured in the same session ("fall back to numel": a tensor of average range gets numel · A).
+  derivative we do not model. R is still measured; the gradient factor is taken as the largest A of the
+  tensors measured in the same session ("fall back to numel": the weight is numel · mean range² · that A).
+  The largest, not a typical one: such a path is often a normalization's, whose noise reaches every layer
+  upstream (below). With the median, on the enwiki TinyGPT after 300 AdamW steps (bench/gradient_error.py,
+  model "enwiki"), the 1.5-bit re-plan moved bits from LayerNorm x̂ to the matmul inputs: the whole-model
+  error fell 2.87 -> 2.49 but the mean over layers rose 1.94 -> 2.09 (LayerNorm γ 0.12 -> 1.37), and
+  training ended worse than static at two seeds.
   A tensor the backward reads broadcast (a position embedding added to each of B rows) has its R counted
   B times: each stored error reaches B elements, with one sign, which is at least the variance of B
   independent errors (passes/candidates.py, ``broadcast_factor``). Found on TinyGPT: counted once, its
   position embedding looked 1/16 as sensitive as it is and re-plans dropped it from 8 bits to 1.
 * A tensor that a weight-gradient op reads and something else reads too (attention's output, read by the
   projection's weight gradient and by attention's backward, where it enters the input gradient of q and
-  k) has noise paths the statistic does not follow; the session adds the median weight for them (a
+  k) has noise paths the statistic does not follow; the session adds the fallback weight for them (a
   "partial" row), so a measured weight gradient can raise its weight but not lower it below the fallback.
 * Normalizations (BatchNorm / LayerNorm inputs, or their x̂) are in that fallback on purpose. Their backward
   rebuilds x̂ = (X̂ - mean) · rstd and takes dγ = Σ G ⊙ x̂, which is linear in E like a weight gradient
@@ -42,7 +47,7 @@ layer's update noise is its variance over its squared gradient, whatever the lay
 summed absolute variance then favours the layers with the largest gradients (the LM head) and starves the
 others. ``"relative"`` divides each linear consumer's term by D = ‖dW‖², the squared norm of the gradient
 it computes (one more reduction, over a parameter-sized tensor), and sums relative variances instead:
-weight = A · R / D. Other consumers take the median A / D. D is measured on the dequantized tensor, so it
+weight = A · R / D. Other consumers take the largest A / D. D is measured on the dequantized tensor, so it
 holds the rounding noise too; the session subtracts its expectation, A · R · c / (2^b - 1)² at the bits the
 tensor had (actc/session.py, ``_signal``).
 

@@ -156,8 +156,8 @@ def test_static_allocation_measures_nothing():
     assert "actc.observe" in _train(Branches(scale=(1.0, 100.0)), {**options, "allocation": "adaptive"}, 1).plans[0].backward_code
 
 
-def test_partly_measured_rows_add_the_median():
-    """Absolute weights = A · R. A row with no gradient factor (-1) takes the median A of the fully measured
+def test_unmeasured_rows_take_the_largest_measured_factor():
+    """Absolute weights = A · R. A row with no gradient factor (-1) takes the largest A of the fully measured
     rows; a partial row (a weight gradient, and readers the statistic does not follow) takes its A plus it."""
     from actc.config import ActcConfig
     from actc.passes import allocate as alloc
@@ -170,7 +170,7 @@ def test_partly_measured_rows_add_the_median():
     region.stat_names, region.stat_partial = names, {"partial"}
     region.observe(torch.tensor([[1.0, 10, -1], [3, 10, -1], [-1, 10, -1], [0.5, 10, -1]]))
     weights = {c.id: c.weight for c in session.measured()["g0"]}
-    assert weights == {"full_1": 10.0, "full_3": 30.0, "fallback": 20.0, "partial": 25.0}
+    assert weights == {"full_1": 10.0, "full_3": 30.0, "fallback": 30.0, "partial": 35.0}
 
 
 def test_other_readers():
