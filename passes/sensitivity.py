@@ -19,7 +19,11 @@ on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
   upstream (below). With the median, on the enwiki TinyGPT after 300 AdamW steps (bench/gradient_error.py,
   model "enwiki"), the 1.5-bit re-plan moved bits from LayerNorm x̂ to the matmul inputs: the whole-model
   error fell 2.87 -> 2.49 but the mean over layers rose 1.94 -> 2.09 (LayerNorm γ 0.12 -> 1.37), and
-  training ended worse than static at two seeds.
+  training ended worse than static at two seeds. With the largest, the re-plan at step 20 of that
+  training still moved LayerNorm x̂ and attention output bits (1.5 bits: 3.6647 / 3.6634 bits/byte at
+  seeds 0 / 1 against static's 3.6066 / 3.6378). So re-plans keep every tensor that is not fully
+  measured at the bits it has (actc/session.py, ``measured``): its weight only enters the proxy as a
+  constant, and the measured tensors share the bytes the others leave.
   A tensor the backward reads broadcast (a position embedding added to each of B rows) has its R counted
   B times: each stored error reaches B elements, with one sign, which is at least the variance of B
   independent errors (passes/candidates.py, ``broadcast_factor``). Found on TinyGPT: counted once, its
@@ -27,7 +31,8 @@ on average over p, Var(E) = c · range_g² / (2^b - 1)², c = 1/6.
 * A tensor that a weight-gradient op reads and something else reads too (attention's output, read by the
   projection's weight gradient and by attention's backward, where it enters the input gradient of q and
   k) has noise paths the statistic does not follow; the session adds the fallback weight for them (a
-  "partial" row), so a measured weight gradient can raise its weight but not lower it below the fallback.
+  "partial" row), so a measured weight gradient can raise its weight but not lower it below the fallback;
+  like a fallback row, it keeps its bits through re-plans.
 * Normalizations (BatchNorm / LayerNorm inputs, or their x̂) are in that fallback on purpose. Their backward
   rebuilds x̂ = (X̂ - mean) · rstd and takes dγ = Σ G ⊙ x̂, which is linear in E like a weight gradient
   (A = ‖G ⊙ rstd‖² / numel, D = ‖dγ‖²). But x̂ also enters the input gradient, dx ∝ G - mean(G) - x̂ ·

@@ -173,6 +173,32 @@ def test_unmeasured_rows_take_the_largest_measured_factor():
     assert weights == {"full_1": 10.0, "full_3": 30.0, "fallback": 30.0, "partial": 35.0}
 
 
+def test_replans_move_only_fully_measured_tensors():
+    """A tensor without a measured weight gradient (a fallback row) or with other readers (a partial row)
+    keeps its bits through a re-plan: here the weights alone would give both 1 bit to pay for 4 bits on
+    the sensitive measured tensor; with them held, the measured tensors cannot pay for it, so the plan stays."""
+    from actc.config import ActcConfig
+    from actc.passes import allocate as alloc
+    from actc.session import Session
+
+    session = Session(ActcConfig.from_options({"memory_budget": "2bit", "sensitivity": "absolute"}, env={}))
+    names = ["sensitive", "plain", "fallback", "partial"]
+    cands = [alloc.Candidate(n, {1: 5, 2: 10, 4: 20, 32: 100}, 1.0) for n in names]
+    region = session.region("g0", cands, fixed=0, activation=400, replannable=True)
+    region.bits = {n: 2 for n in names}
+    region.stat_names, region.stat_partial = names, {"partial"}
+    region.observe(torch.tensor([[100.0, 1, -1], [1, 1, -1], [-1, 0.005, -1], [0.5, 0.005, -1]]))
+    weights = session.measured()["g0"]
+    free = [alloc.Candidate(c.id, cands[0].bytes_at_bits, c.weight) for c in weights]
+    unheld = alloc.allocate(free, 40).bits
+    assert unheld["fallback"] == unheld["partial"] == 1 and unheld["sensitive"] == 4  # what the weights ask
+    assert {c.id: sorted(c.bytes_at_bits) for c in weights} == {
+        "sensitive": [1, 2, 4, 32], "plain": [1, 2, 4, 32], "fallback": [2], "partial": [2]}
+    record = session.replan()
+    assert not record["accepted"] and record["changed"] == []
+    assert region.planned == {n: 2 for n in names}
+
+
 def test_other_readers():
     """The attention output's case: a weight gradient reads X, and so does another op."""
     from torch.fx.experimental.proxy_tensor import make_fx
