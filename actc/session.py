@@ -194,9 +194,9 @@ class Session:
                         a = a / _signal(d, a * rng, r.bits.get(name)) if a >= 0 and d > 0 else -1.0
                     own[name] = (a, rng, name in r.stat_partial)
         grads = [a for by_name in rows.values() for a, _, partial in by_name.values() if a >= 0 and not partial]
-        # Unmeasured paths are assumed as sensitive as the most sensitive measured one. The median was
-        # too little: a normalization's x̂ enters its dγ and, through dx, every layer upstream, and re-plans
-        # that took bits from x̂ raised the mean relative variance over layers (passes/sensitivity.py).
+        # Unmeasured paths are assumed as sensitive as the most sensitive measured one (a normalization's
+        # x̂ enters its dγ and, through dx, every layer upstream). These weights only size the proxy's
+        # constant term: the tensors they belong to keep their bits (below, and passes/sensitivity.py).
         a_unmeasured = max(grads) if grads else 1.0
         weights: dict[str, dict[str, float]] = {}
         per_element = []

@@ -67,8 +67,6 @@ MODES: dict[str, dict[str, Any]] = {
     "actc 1.5bit static": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "static"}),
     "actc 1.5bit adaptive once": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "adaptive",
                                                                "replan_every": 0}),
-    # the first re-plan after 300 steps instead of 20: weights measured on a model past its first descent
-    "actc 1.5bit late": dict(backend="actc", options={"memory_budget": "1.5bit", "warmup_steps": 300}),
 }
 
 # PyTorch's fp8 pass (torch/_functorch/partitioners.py, enable_activation_quantization). It casts saved
