@@ -193,7 +193,9 @@ class Session:
                     if relative:  # A / D; -1 (take the largest) where either was not measured
                         a = a / _signal(d, a * rng, r.bits.get(name)) if a >= 0 and d > 0 else -1.0
                     own[name] = (a, rng, name in r.stat_partial)
-        grads = [a for by_name in rows.values() for a, _, partial in by_name.values() if a >= 0 and not partial]
+        full = {(key, name) for key, by_name in rows.items() for name, (a, _, partial) in by_name.items()
+                if a >= 0 and not partial}
+        grads = [rows[key][name][0] for key, name in full]
         # Unmeasured paths are assumed as sensitive as the most sensitive measured one (a normalization's
         # x̂ enters its dγ and, through dx, every layer upstream). These weights only size the proxy's
         # constant term: the tensors they belong to keep their bits (below, and passes/sensitivity.py).
@@ -204,20 +206,18 @@ class Session:
             own = weights[r.key] = {}
             for c in r.candidates:
                 if c.id in rows.get(r.key, {}):
-                    a, rng, partial = rows[r.key][c.id]
-                    own[c.id] = (max(a, 0.0) + (a_unmeasured if a < 0 or partial else 0.0)) * rng
+                    a, rng, _ = rows[r.key][c.id]
+                    own[c.id] = (max(a, 0.0) + (0.0 if (r.key, c.id) in full else a_unmeasured)) * rng
                     per_element.append(own[c.id] / max(c.weight, 1.0))
         scale = statistics.median(per_element) if per_element else 1.0
-        out = {}
-        for r in self.regions.values():
-            out[r.key] = []
-            for c in r.candidates:
-                a, _, partial = rows.get(r.key, {}).get(c.id, (-1.0, 0.0, True))
-                choices = c.bytes_at_bits
-                if (a < 0 or partial) and c.id in r.planned:  # not fully measured: keeps its bits
-                    choices = {r.planned[c.id]: c.bytes_at_bits[r.planned[c.id]]}
-                out[r.key].append(alloc.Candidate(c.id, choices, weights[r.key].get(c.id, c.weight * scale), c.full_bits))
-        return out
+
+        def choices(r: Region, c: alloc.Candidate):
+            if (r.key, c.id) in full or c.id not in r.planned:
+                return c.bytes_at_bits
+            return {r.planned[c.id]: c.bytes_at_bits[r.planned[c.id]]}  # not fully measured: keeps its bits
+
+        return {r.key: [alloc.Candidate(c.id, choices(r, c), weights[r.key].get(c.id, c.weight * scale), c.full_bits)
+                        for c in r.candidates] for r in self.regions.values()}
 
     def _weights_default(self) -> dict[str, list[alloc.Candidate]]:
         return {r.key: r.candidates for r in self.regions.values()}
