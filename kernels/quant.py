@@ -17,6 +17,26 @@ Format of one compressed tensor of ``n`` elements, viewed flat in memory order, 
 ``lo`` is rounded down and ``scale`` up when they are stored in a narrower dtype, so every element
 stays inside [lo, lo + (2^bits - 1) * scale] and the rounding stays unbiased. Bool masks are packed
 8 to a byte, exactly. Everything is computed in fp32.
+
+Values no step can hold. A group that holds ±inf or NaN, or whose range is more than half the dtype's (an
+attention mask of 0 and -inf, padding at the dtype's minimum, a value at its max) has no useful step: the
+scale would overflow, or put values of ordinary size a third of the dtype's range away from themselves.
+Such a group is an endpoint group, stored by its two endpoints: a = its least non-NaN value and b = its
+greatest value (NaN if it holds one). A normal group has a finite ``lo`` and a ``scale`` with a clear sign
+bit; an endpoint group is told apart by breaking that, as meta = (b, a) when a < 0 or b is not finite,
+and as (-b, -a) otherwise (then -b < -a, while b >= a in the first form, so the decoder can tell which).
+Each element of an endpoint group is stored as code 0 (a) or 2^bits - 1 (b):
+
+    a and b finite:  code = (2^bits - 1) * floor(p + u),  p = (x - a) / (b - a)       E[x'] = x
+    otherwise:       x == a -> a;  x == b or NaN -> b;  other finite x -> b if b is finite, else a
+
+So ±inf, NaN, the dtype's min and max, and every such group of at most two distinct values come back
+exactly, and a finite one stays unbiased. What no format of this size can hold is a group with an
+infinite endpoint and other finite values: they come back as a finite endpoint where there is one, and
+``passes/candidates.py`` keeps the tensors that can hold such values exact. For fp32 input the endpoints
+are stored in bf16 meta, rounded toward zero: ±inf, NaN, 0 and bf16 values exactly, fp32 values beyond
+bf16's max as bf16's max (finite, same sign). Near the dtype's max a normal group's rounded-up scale can
+put the top code past it: the dequantize clamps to the dtype's range (only values that would overflow).
 """
 from __future__ import annotations
 
@@ -77,24 +97,48 @@ def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: t
     mdt = meta_dtype(flat.dtype)
     levels = (1 << bits) - 1
     x = flat.float()
-    lo = _groups(x, group, math.inf).amin(dim=1)
-    hi = _groups(x, group, -math.inf).amax(dim=1)
+    lo = _groups(torch.where(x != x, math.inf, x), group, math.inf).amin(dim=1)  # least non-NaN value
+    hi = _groups(x, group, -math.inf).amax(dim=1)                                   # NaN if the group holds one
     if mdt == flat.dtype:  # lo is a value of the tensor: exact in its own dtype
         lo_q = lo
     else:
         lo_q = _round_to_bf16(lo - lo.abs() * _SAFETY)
-    scale = (hi - lo_q) / levels
-    scale = (scale * (1 + _SAFETY)).clamp(max=torch.finfo(mdt).max)
+    scale = (hi - lo_q) / levels * (1 + _SAFETY)
+    # endpoint groups (module docstring); halves keep b - a finite
+    big = torch.finfo(flat.dtype).max
+    special = ~torch.isfinite(lo_q) | ~torch.isfinite(scale) | (scale > torch.finfo(mdt).max) \
+        | (hi * 0.5 - lo * 0.5 > big / 4) | (hi != hi)
+    a_s, b_s = _toward_zero(lo, mdt), _toward_zero(hi, mdt)
+    negate = ~torch.signbit(a_s) & torch.isfinite(b_s)
+    scale = torch.where(special, 0.0, scale).clamp(max=torch.finfo(mdt).max)
     scale_q = _round_to_bf16(scale) if mdt == torch.bfloat16 else scale.to(mdt).float()
-    lo_s, scale_s = lo_q.to(mdt), scale_q.to(mdt)  # exact: the values are already representable
+    lo_q = torch.where(special, 0.0, lo_q)
+    lo_s = torch.where(special, torch.where(negate, -b_s, b_s), lo_q).to(mdt)  # exact: representable values
+    scale_s = torch.where(special, torch.where(negate, -a_s, a_s), scale_q).to(mdt)
     inv = torch.where(scale_q > 0, 1.0 / scale_q, torch.zeros_like(scale_q))
     xg = _groups(x, group, 0.0)
     if noise is None:
         noise = torch.rand(xg.shape, dtype=torch.float32, device=flat.device)
     q = torch.floor((xg - lo_q[:, None]) * inv[:, None] + noise).clamp(0, levels)
+    # endpoint codes; halves keep b - a finite when the range overflows
+    a, b, a2, b2 = lo[:, None], hi[:, None], a_s.float()[:, None] * 0.5, b_s.float()[:, None] * 0.5
+    finite = torch.isfinite(a2) & torch.isfinite(b2)
+    p = torch.where(b2 > a2, (xg * 0.5 - a2) / (b2 - a2), 0.0)
+    upper = torch.where(finite, torch.floor(p + noise) >= 1,
+                        (xg != a) & ((xg == b) | (xg != xg) | torch.isfinite(b)))
+    q = torch.where(special[:, None], torch.where(upper, float(levels), 0.0), q)
     codes = _pack(q.to(torch.int32), bits)
     meta = torch.stack([lo_s, scale_s], dim=1)
     return codes, meta
+
+
+def _toward_zero(v: torch.Tensor, mdt: torch.dtype) -> torch.Tensor:
+    """fp32 -> a value of ``mdt`` no farther from zero (bf16: the high half of the bits; NaN, ±inf and
+    bf16 values unchanged), still in fp32. fp16/bf16 meta holds values of the tensor itself: exact."""
+    if mdt != torch.bfloat16:
+        return v
+    cut = (v.view(torch.int32) & -65536).view(torch.float32)
+    return torch.where(v != v, v, cut)
 
 
 def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +156,11 @@ def dequantize(codes: torch.Tensor, meta: torch.Tensor, bits: int, numel, dtype:
     """Inverse of :func:`quantize`: a 1-D tensor of ``numel`` elements of ``dtype``."""
     q = _unpack(codes, bits).float()
     m = meta.float()
-    x = m[:, 0:1] + q * m[:, 1:2]
+    lo, scale = m[:, 0:1], m[:, 1:2]
+    special = ~torch.isfinite(lo) | torch.signbit(scale)  # an endpoint group: meta = (b, a) or (-b, -a)
+    sign = torch.where(lo < scale, -1.0, 1.0)
+    big = torch.finfo(dtype).max
+    x = torch.where(special, torch.where(q == 0, scale, lo) * sign, (lo + q * scale).clamp(-big, big))
     return x.reshape(-1)[:numel].to(dtype)
 
 
@@ -170,6 +218,13 @@ def restore_layout(flat: torch.Tensor, shape, perm) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # reference: the same numbers, computed the slow and obvious way (tests only)
 # --------------------------------------------------------------------------------------------------
+def _scalar_toward_zero(v: float, mdt: torch.dtype) -> float:
+    t = torch.tensor([v], dtype=torch.float32)
+    if mdt == torch.bfloat16 and math.isfinite(v):
+        t = (t.view(torch.int32) & -65536).view(torch.float32)
+    return t.item()
+
+
 def reference_quantize(flat: torch.Tensor, bits: int, group: int, noise: torch.Tensor):
     mdt = meta_dtype(flat.dtype)
     levels = 2**bits - 1
@@ -178,17 +233,35 @@ def reference_quantize(flat: torch.Tensor, bits: int, group: int, noise: torch.T
     x = flat.float()
     codes = torch.zeros(ng, group * bits // 8, dtype=torch.uint8)
     meta = torch.zeros(ng, 2, dtype=mdt)
+    big = torch.finfo(mdt).max
     for g in range(ng):
         chunk = x[g * group : (g + 1) * group]
-        lo, hi = chunk.min(), chunk.max()
-        lo_s = lo.to(mdt) if mdt == flat.dtype else (lo - abs(lo) * _SAFETY).to(mdt)
-        scale = (hi - lo_s.float()) / levels
-        scale_s = min(scale * (1 + _SAFETY), torch.tensor(torch.finfo(mdt).max)).to(mdt)
-        meta[g, 0], meta[g, 1] = lo_s, scale_s
-        inv = 1.0 / scale_s.float() if scale_s > 0 else torch.tensor(0.0)
+        values = [float(v) for v in chunk]
+        finite_or_inf = [v for v in values if not math.isnan(v)]
+        lo = min(finite_or_inf) if finite_or_inf else math.inf
+        hi = math.nan if len(finite_or_inf) < len(values) else max(values)
+        lo_s = torch.tensor(lo).to(mdt) if mdt == flat.dtype else (torch.tensor(lo) - abs(lo) * _SAFETY).to(mdt)
+        scale = (torch.tensor(hi) - lo_s.float()) / levels * (1 + _SAFETY)
+        a, b = _scalar_toward_zero(lo, mdt), _scalar_toward_zero(hi, mdt)
+        endpoints = not math.isfinite(lo_s.float()) or not math.isfinite(scale) or scale > big \
+            or hi - lo > torch.finfo(flat.dtype).max / 2 or math.isnan(hi)
+        if endpoints:  # stored as (b, a), or (-b, -a) when neither b nor a breaks the normal form
+            negate = math.copysign(1.0, a) > 0 and math.isfinite(b)
+            meta[g, 0], meta[g, 1] = (-b, -a) if negate else (b, a)
+        else:
+            meta[g, 0], meta[g, 1] = lo_s, min(scale, torch.tensor(big)).to(mdt)
+        scale_s = meta[g, 1].float()
+        inv = 1.0 / scale_s if scale_s > 0 else torch.tensor(0.0)
         for k in range(group):
-            v = chunk[k] if k < chunk.numel() else torch.tensor(0.0)
-            q = int(torch.floor((v - lo_s.float()) * inv + noise[g, k]).clamp(0, levels))
+            v = values[k] if k < len(values) else 0.0
+            if not endpoints:
+                q = int(torch.floor((v - lo_s.float()) * inv + noise[g, k]).clamp(0, levels))
+            elif math.isfinite(a) and math.isfinite(b):
+                p = (v * 0.5 - a * 0.5) / (b * 0.5 - a * 0.5) if b > a else 0.0
+                q = levels if math.floor(p + float(noise[g, k])) >= 1 else 0
+            else:
+                up = v != lo and (v == hi or math.isnan(v) or math.isfinite(hi))
+                q = levels if up else 0
             byte, slot = divmod(k * bits, 8)
             codes[g, byte] |= q << slot
     return codes, meta
@@ -200,8 +273,14 @@ def reference_dequantize(codes, meta, bits: int, numel: int, dtype: torch.dtype)
     out = torch.empty(ng * nbytes * per, dtype=torch.float32)
     for g in range(ng):
         lo, scale = meta[g, 0].float(), meta[g, 1].float()
+        endpoints = not math.isfinite(lo) or math.copysign(1.0, float(scale)) < 0
+        if endpoints and lo < scale:
+            lo, scale = -lo, -scale
         for k in range(nbytes * per):
             byte, slot = divmod(k * bits, 8)
             q = (int(codes[g, byte]) >> slot) & (2**bits - 1)
-            out[g * nbytes * per + k] = lo + q * scale
+            if endpoints:
+                out[g * nbytes * per + k] = scale if q == 0 else lo
+            else:
+                out[g * nbytes * per + k] = (lo + q * scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
     return out[:numel].to(dtype)

@@ -149,6 +149,50 @@ def parameter_derived(fw: fx.GraphModule, static_indices: list[int] | None) -> s
     return derived
 
 
+def grad_reach(fw: fx.GraphModule, static_indices: list[int] | None, needs_grad: frozenset[str] | None):
+    """Forward nodes that depend on a parameter or buffer (static-lifetime primals) or on an input that
+    requires grad; None when ``needs_grad`` is unknown.
+
+    A saved float tensor outside this set is no activation of the model: an attention mask built by
+    ``where`` from the input's padding, a position table, a constant. It is cheap to keep, it can hold -inf
+    or the dtype's minimum, and no gradient flows through it, so it stays exact. (Bool masks are packed
+    exactly either way; a frozen trunk's output depends on its parameters and is an activation.)
+    """
+    if needs_grad is None:
+        return None
+    placeholders = fw.graph.find_nodes(op="placeholder")
+    static = {placeholders[i] for i in (static_indices or []) if i < len(placeholders)}
+    reach = {p for p in placeholders if p in static or p.name in needs_grad}
+    for node in fw.graph.nodes:
+        if node.op == "call_function" and any(n in reach for n in node.all_input_nodes):
+            reach.add(node)
+    return reach
+
+
+def extreme_constants(fw: fx.GraphModule) -> dict[fx.Node, float]:
+    """Forward nodes that may hold ±inf, NaN or values near their dtype's limits, each with the constant that
+    put it there: a scalar argument of that kind (``where(mask, 0, -inf)``, ``full(..., finfo.min)``,
+    ``masked_fill``), carried through pointwise ops and views (``scores + mask``). Reductions, matmuls and
+    softmax end it. quant.py stores such values exactly only in groups of at most two distinct values, so
+    the tensors found here stay exact."""
+    found: dict[fx.Node, float] = {}
+    for node in fw.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(val, torch.Tensor) or val.dtype not in FLOATS:
+            continue
+        limit = torch.finfo(val.dtype).max / 2
+        scalars = []
+        torch.fx.node.map_aggregate((node.args, node.kwargs), lambda a: scalars.append(a) if isinstance(a, float) else None)
+        extreme = [c for c in scalars if not math.isfinite(c) or abs(c) >= limit]
+        inherited = [found[n] for n in node.all_input_nodes if n in found]
+        if extreme:
+            found[node] = extreme[0]
+        elif inherited and (is_view(node) or torch.Tag.pointwise in getattr(node.target, "tags", ())
+                            or op_name(node) in ELEMENTWISE or op_name(node) == "where"):
+            found[node] = inherited[0]
+    return found
+
+
 def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
     """(class, op) for the worst way the backward reads the tensor saved as ``names``, following its values
     through every op (a recompute in the backward included) up to comparisons, whose exact masks
@@ -238,17 +282,20 @@ def broadcast_factor(bw: fx.GraphModule, names: list[str]) -> float:
 
 def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
                     static_indices: list[int] | None, config: ActcConfig,
-                    hoisted: frozenset[str] = frozenset()) -> list[Saved]:
+                    hoisted: frozenset[str] = frozenset(), needs_grad: frozenset[str] | None = None) -> list[Saved]:
     """One ``Saved`` record per saved tensor storage, in the order the forward returns them.
 
     ``hoisted``: bool masks that ``hoist_comparisons`` moved into the forward; they are always packed,
     whatever their size, since they replace the exact comparison of a compressed tensor.
+    ``needs_grad``: names of the forward's primals that require grad (``grad_reach``); None: unknown.
     """
     outputs = list(fw.graph.find_nodes(op="output")[0].args[0])
     user_outputs = {n for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
     saved = [n for n in outputs[num_fwd_outputs:]
              if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
     params = parameter_derived(fw, static_indices)
+    reach = grad_reach(fw, static_indices, needs_grad)
+    extreme = extreme_constants(fw)
     groups: dict[fx.Node, list[fx.Node]] = {}
     chains: dict[fx.Node, list[fx.Node]] = {}
     for node in saved:
@@ -257,7 +304,12 @@ def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
 
     records = []
     for root, aliases in groups.items():
-        records.append(_classify(root, aliases, chains, user_outputs, params, bw, config, hoisted))
+        rec = _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted)
+        if rec.kind == "quant" and reach is not None and rec.node not in reach:
+            rec.kind, rec.reason = "skip", "not an activation: computed from inputs that need no grad, kept exact"
+        elif rec.kind == "quant" and rec.node in extreme:
+            rec.kind, rec.reason = "skip", f"may hold {extreme[rec.node]:g} (a constant in the forward), kept exact"
+        records.append(rec)
     return records
 
 

@@ -47,12 +47,13 @@ class ActcPartitioner(compat.CustomPartitionerFn):
         self.graph = graph  # the backend's CompiledGraph: where the region found here is recorded
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any):
+        needs_grad = _primals_needing_grad(gm, kwargs["num_fwd_outputs"])
         fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         key = _graph_key(fw, self.graph)
         static = self.graph is None or self.graph.static
         try:
             region, plan = compress(fw, bw, kwargs["num_fwd_outputs"], kwargs.get("static_lifetime_input_indices"),
-                                    self.session, key, static)
+                                    self.session, key, static, needs_grad)
         except Exception as e:  # never break a training step: fall back to the stock partition
             self.session.warn_once(f"actc left a graph uncompressed after an internal error: {type(e).__name__}: {e}")
             log.debug("actc fallback", exc_info=True)
@@ -78,6 +79,17 @@ class ActcPartitioner(compat.CustomPartitionerFn):
         return compat.get_hash_for_files(_source_files(), repr(self.session.config) + salt).hex()
 
 
+def _primals_needing_grad(joint: fx.GraphModule, num_fwd_outputs: int) -> frozenset[str] | None:
+    """Names of the joint graph's primals that get a gradient: the joint graph returns the forward's outputs,
+    then one gradient per primal, None where the primal needs none. None if the counts do not line up."""
+    outputs = torch.utils._pytree.arg_tree_leaves(*(n.args for n in joint.graph.find_nodes(op="output")))
+    grads = outputs[num_fwd_outputs:]
+    primals = [p for p in joint.graph.find_nodes(op="placeholder") if p.name.startswith("primals")]
+    if len(grads) != len(primals):
+        return None
+    return frozenset(p.name for p, g in zip(primals, grads) if g is not None)
+
+
 def _graph_key(fw: fx.GraphModule, graph) -> str:
     """The same model region compiled again (a recompile) gets the same key, so budgets are not counted twice."""
     ops = ",".join(str(n.target) for n in fw.graph.nodes if n.op == "call_function")
@@ -86,11 +98,11 @@ def _graph_key(fw: fx.GraphModule, graph) -> str:
 
 
 def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, static_indices, session, key: str,
-             static: bool = True):
+             static: bool = True, needs_grad: frozenset[str] | None = None):
     """Find, allocate and rewrite; returns the session's region for this graph and its plan."""
     config = session.config
     recomputed = recompute_from_saved(fw, bw, num_fwd_outputs, config.min_bytes)
-    records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config)
+    records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, needs_grad=needs_grad)
     quants = [r for r in records if r.kind == "quant"]
     cands = [_candidate(r, config, _mask_bytes(fw, bw, r) if config.compress_masks else 0) for r in quants]
     fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
@@ -103,7 +115,7 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     if config.compress_masks and compressed:  # masks the backward recomputes from what is now quantized
         hoisted = hoist_comparisons(fw, bw, num_fwd_outputs, compressed)
         if hoisted:
-            records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, frozenset(hoisted))
+            records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, frozenset(hoisted), needs_grad)
     if not feasible:
         need = fixed + sum(min(c.bytes_at_bits.values()) for c in cands)
         session.warn_once(f"actc: memory budget {config.memory_budget} ({budget + fixed} B for graph {region.index}) "

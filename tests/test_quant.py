@@ -108,3 +108,93 @@ def test_bad_format_is_named():
         quant.check_format(3, 128)
     with pytest.raises(ValueError, match="group=100"):
         quant.check_format(2, 100)
+
+
+# --------------------------------------------------------------------------------------------------
+# values no step can hold: ±inf, NaN, the dtype's limits (the module docstring's endpoint groups)
+# --------------------------------------------------------------------------------------------------
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where NaN (NaN payload bits are not part of the format)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+
+
+def _special_groups(dtype: torch.dtype, group: int) -> list[list[float]]:
+    fi = torch.finfo(dtype)
+    inf, nan = float("inf"), float("nan")
+    pairs = [(0.0, -inf), (0.0, inf), (-inf, inf), (1.5, nan), (nan, -inf), (fi.min, 0.0), (0.0, fi.max),
+             (fi.min, fi.max), (fi.min, -1.0), (-2.0, fi.max), (-inf, -inf), (nan, nan), (fi.max, fi.max)]
+    groups = []
+    for a, b in pairs:  # every mix of the two values: alternating, a block of each, one of one
+        groups += [[a if k % 2 else b for k in range(group)], [a] * (group // 2) + [b] * (group // 2),
+                   [a] + [b] * (group - 1)]
+    return groups
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_special_values_round_trip_exactly(dtype, bits):
+    """Groups of at most two distinct values come back exactly, whatever they hold: masks of 0 and -inf,
+    padding at the dtype's min, NaN, ±inf, the dtype's max. The one exception is fp32's own extremes, beyond
+    bf16 meta: finite, same sign, within bf16's rounding (the plan keeps tensors built from them exact)."""
+    group = 16
+    rows = _special_groups(dtype, group)
+    x = torch.tensor(rows, dtype=torch.float32).to(dtype).reshape(-1)
+    noise = torch.rand(len(rows), group, generator=torch.Generator().manual_seed(bits))
+    codes, meta = quant.quantize(x, bits, group, noise)
+    ref_codes, ref_meta = quant.reference_quantize(x, bits, group, noise)
+    assert torch.equal(codes, ref_codes) and _same(meta.float(), ref_meta.float())
+    out = quant.dequantize(codes, meta, bits, x.numel(), dtype)
+    assert _same(out, quant.reference_dequantize(codes, meta, bits, x.numel(), dtype))
+    beyond = x.isfinite() & (x.float().abs() > torch.finfo(quant.meta_dtype(dtype)).max)  # fp32 only
+    assert _same(out[~beyond], x[~beyond])
+    assert torch.isfinite(out[beyond]).all() and torch.equal(out[beyond].sign(), x[beyond].sign())
+    assert ((out[beyond] - x[beyond]).abs() <= x[beyond].abs() * 2**-6).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_overflowing_finite_range_stays_unbiased(dtype):
+    """A finite group whose range overflows the meta dtype (dtype min and max in one group, other values
+    between) is rounded between its endpoints: finite, and unbiased over draws."""
+    fi = torch.finfo(dtype)
+    a, b = quant._scalar_toward_zero(fi.min, quant.meta_dtype(dtype)), quant._scalar_toward_zero(fi.max, quant.meta_dtype(dtype))
+    x = torch.tensor([a, b] + [b * 0.25, a * 0.5, 0.0, b * 0.75] * 3 + [a, b], dtype=torch.float32).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    draws = 4000
+    acc = torch.zeros(x.numel(), dtype=torch.float64)
+    for _ in range(draws // 100):
+        noise = torch.rand(100, x.numel(), generator=g)
+        for i in range(100):
+            out = quant.dequantize(*quant.quantize(x, 1, x.numel(), noise[i:i + 1]), 1, x.numel(), dtype)
+            assert torch.isfinite(out).all()
+            acc += out.double()
+    mean = acc / draws
+    # each draw is a or b: the mean's standard error is (b - a) / 2 / sqrt(draws); allow 5 of them
+    tol = (b - a) / 2 / draws**0.5 * 5
+    assert ((mean - x.double()).abs() <= tol).all()
+
+
+def test_infinite_group_keeps_finite_values_finite():
+    """A group with -inf and several finite values cannot be stored by any step: the finite values come back
+    as the group's finite endpoint, never as NaN or inf."""
+    x = torch.tensor([float("-inf"), 0.25, 0.5, 1.0] * 4)
+    out = quant.dequantize(*quant.quantize(x, 2, 16), 2, 16, x.dtype)
+    assert torch.equal(out[::4], x[::4])
+    assert torch.isfinite(out[x.isfinite()]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2, 8])
+def test_special_values_compiled_match_eager(dtype, bits):
+    """The same round trip compiled by Inductor (C++), as the pass inlines it: bit for bit the eager result,
+    NaN and inf included (Inductor's reductions must propagate NaN as torch's do)."""
+    group = 16
+    x = torch.tensor(_special_groups(dtype, group), dtype=torch.float32).to(dtype).reshape(-1)
+    noise = torch.rand(x.numel() // group, group, generator=torch.Generator().manual_seed(3))
+
+    def round_trip(x, noise):
+        codes, meta = quant.quantize(x, bits, group, noise)
+        return quant.dequantize(codes, meta, bits, x.numel(), x.dtype)
+
+    torch._dynamo.reset()
+    got = torch.compile(round_trip, backend="inductor", fullgraph=True)(x, noise)
+    assert _same(got, round_trip(x, noise))
