@@ -17,7 +17,7 @@ if triton is not None:
     from ._triton import round_bf16
 
     @triton.jit
-    def _dequantize_kernel(codes_ptr, meta_ptr, out_ptr, numel, num_groups,
+    def _dequantize_kernel(codes_ptr, meta_ptr, out_ptr, numel, num_groups, out_max,
                            GROUP: tl.constexpr, BITS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
                            META_BF16: tl.constexpr, OUT_KIND: tl.constexpr):
         """x = lo + q * scale; meta_ptr is meta's int16 view, OUT_KIND 0/1/2 = fp32/fp16/bf16 (int16 view)."""
@@ -40,7 +40,13 @@ if triton is not None:
         else:
             lo = lo_bits.to(tl.float16, bitcast=True).to(tl.float32)
             scale = scale_bits.to(tl.float16, bitcast=True).to(tl.float32)
+        # endpoint groups (quant.py's docstring): meta = (b, a) or (-b, -a); normal ones clamp to the dtype
+        special = ~((lo - lo) == 0) | (scale.to(tl.int32, bitcast=True) < 0)
+        sign = tl.where(lo < scale, -1.0, 1.0)
+        ends = tl.where(q == 0, scale[:, None], lo[:, None]) * sign[:, None]
         x = lo[:, None] + q * scale[:, None]
+        x = tl.minimum(tl.maximum(x, -out_max), out_max)
+        x = tl.where(special[:, None], ends, x)
 
         offs = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         if OUT_KIND == 2:
@@ -64,6 +70,7 @@ def launch_dequantize(codes: torch.Tensor, meta: torch.Tensor, bits: int, out: t
     with on_device(out):
         _dequantize_kernel[launch_grid](
             codes, meta.view(torch.int16), out.view(torch.int16) if kind == 2 else out, out.numel(), ng,
+            torch.finfo(out.dtype).max,
             GROUP=group, BITS=bits, GROUPS_PER_PROGRAM=per_program, META_BF16=meta.dtype == torch.bfloat16,
             OUT_KIND=kind, enable_fp_fusion=False)
 

@@ -30,8 +30,12 @@ if triton is not None:
 
     _SAFETY = tl.constexpr(quant._SAFETY)  # jit code reads globals only as constexpr
 
+    @triton.jit
+    def _finite(v):
+        return (v - v) == 0  # false for ±inf and NaN
+
     @triton.jit(do_not_specialize=["seed"])
-    def _quantize_kernel(x_ptr, noise_ptr, codes_ptr, meta_ptr, numel, num_groups, seed, meta_max,
+    def _quantize_kernel(x_ptr, noise_ptr, codes_ptr, meta_ptr, numel, num_groups, seed, meta_max, x_max,
                          GROUP: tl.constexpr, BITS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
                          X_BF16: tl.constexpr, HAS_NOISE: tl.constexpr, ROUND_LO: tl.constexpr,
                          META_BF16: tl.constexpr):
@@ -47,10 +51,14 @@ if triton is not None:
             x = (tl.load(x_ptr + offs, mask=valid, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
         else:
             x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        lo = tl.min(tl.where(valid, x, float("inf")), axis=1)
-        hi = tl.max(tl.where(valid, x, -float("inf")), axis=1)
+        nan = valid & (x != x)
+        lo = tl.min(tl.where(valid & ~nan, x, float("inf")), axis=1)  # least non-NaN value
+        hi = tl.max(tl.where(valid & ~nan, x, -float("inf")), axis=1)
+        has_nan = tl.max(nan.to(tl.int32), axis=1) > 0
+        hi = tl.where(has_nan, float("nan"), hi)  # NaN if the group holds one, as torch's amax
         lo = tl.where(group_ok, lo, 0.0)  # groups past the end: finite, never stored
         hi = tl.where(group_ok, hi, 0.0)
+        lo_raw = lo
 
         # lo: a value of the tensor (exact in a 2-byte dtype), or, for fp32 input, moved down and rounded
         if ROUND_LO:
@@ -67,15 +75,34 @@ if triton is not None:
         # scale: rounded up by (1 + 2^-7), clamped to the meta dtype's max, rounded to it
         levels = tl.full(hi.shape, LEVELS, tl.float32)
         scale = tl.math.div_rn(hi - lo_q, levels) * (1 + _SAFETY)
-        scale = tl.where(scale > meta_max, meta_max, scale)  # clamp(max=), NaN stays NaN
+        # endpoint groups (quant.py's docstring): meta = (b, a), or (-b, -a) when neither breaks the normal form
+        special = ~_finite(lo_q) | ~_finite(scale) | (scale > meta_max) | (hi * 0.5 - lo_raw * 0.5 > x_max / 4) | has_nan
+        if META_BF16 and ROUND_LO:  # fp32 endpoints into bf16 meta: toward zero, NaN kept
+            a_s = tl.where(lo_raw == lo_raw, (lo_raw.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True), lo_raw)
+            b_s = tl.where(hi == hi, (hi.to(tl.int32, bitcast=True) & -65536).to(tl.float32, bitcast=True), hi)
+        else:
+            a_s = lo_raw
+            b_s = hi
+        negate = (a_s.to(tl.int32, bitcast=True) >= 0) & _finite(b_s)
+        end0 = tl.where(negate, -b_s, b_s)
+        end1 = tl.where(negate, -a_s, a_s)
+        scale = tl.where(special, 0.0, scale)
+        scale = tl.where(scale > meta_max, meta_max, scale)  # clamp(max=)
+        lo_q = tl.where(special, 0.0, lo_q)
+        if META_BF16:
+            lo_bits = tl.where(special, (end0.to(tl.int32, bitcast=True) >> 16).to(tl.int16), lo_bits)
+        else:
+            lo_bits = tl.where(special, end0.to(tl.float16).to(tl.int16, bitcast=True), lo_bits)
         if META_BF16:
             b = round_bf16(scale)
             scale_q = b.to(tl.float32, bitcast=True)
             scale_bits = (b >> 16).to(tl.int16)
+            scale_bits = tl.where(special, (end1.to(tl.int32, bitcast=True) >> 16).to(tl.int16), scale_bits)
         else:
             scale_h = scale.to(tl.float16)
             scale_q = scale_h.to(tl.float32)
             scale_bits = scale_h.to(tl.int16, bitcast=True)
+            scale_bits = tl.where(special, end1.to(tl.float16).to(tl.int16, bitcast=True), scale_bits)
         nonzero = scale_q > 0
         inv = tl.math.div_rn(tl.full(hi.shape, 1.0, tl.float32), tl.where(nonzero, scale_q, 1.0))
         inv = tl.where(nonzero, inv, 0.0)
@@ -88,7 +115,13 @@ if triton is not None:
             u = tl.join(tl.join(u0, u2), tl.join(u1, u3))  # [.., GROUP // 4, 2, 2]: [k, m] is number 2k + m
             u = tl.reshape(u, (GROUPS_PER_PROGRAM, GROUP))
         q = tl.floor((x - lo_q[:, None]) * inv[:, None] + u)  # the tail is quantized as 0.0, like quant.py
-        q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
+        q = tl.minimum(tl.maximum(q, 0.0), LEVELS)
+        a2 = (a_s * 0.5)[:, None]
+        b2 = (b_s * 0.5)[:, None]
+        p = tl.where(b2 > a2, tl.math.div_rn(x * 0.5 - a2, tl.where(b2 > a2, b2 - a2, 1.0)), 0.0)
+        upper = tl.where(_finite(a2) & _finite(b2), tl.floor(p + u) >= 1,
+                         (x != lo_raw[:, None]) & ((x == hi[:, None]) | (x != x) | _finite(hi)[:, None]))
+        q = tl.where(special[:, None], tl.where(upper, float(LEVELS), 0.0), q).to(tl.int32)
 
         # pack: code k of a group at bit (k % PER) * BITS of byte k // PER
         q = tl.reshape(q, (GROUPS_PER_PROGRAM, NBYTES, PER))
@@ -121,7 +154,7 @@ def launch_quantize(flat: torch.Tensor, bits: int, group: int, noise: Optional[t
     with on_device(flat):
         _quantize_kernel[launch_grid](
             flat.view(torch.int16) if x_bf16 else flat, flat if noise is None else noise, codes,
-            meta.view(torch.int16), flat.numel(), ng, seed, META_MAX[meta.dtype],
+            meta.view(torch.int16), flat.numel(), ng, seed, META_MAX[meta.dtype], torch.finfo(flat.dtype).max,
             GROUP=group, BITS=bits, GROUPS_PER_PROGRAM=per_program, X_BF16=x_bf16,
             HAS_NOISE=noise is not None, ROUND_LO=meta.dtype != flat.dtype,
             META_BF16=meta.dtype == torch.bfloat16, enable_fp_fusion=False)

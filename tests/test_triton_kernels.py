@@ -330,3 +330,20 @@ def test_bad_dtype() -> None:
         tqz.triton_quantize(torch.ones(10, dtype=torch.float64), 2, 8)
     with pytest.raises(TypeError, match=r"must be a torch.Tensor"):
         compress([1.0, 2.0])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf arithmetic
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", quant.BITS)
+def test_special_values_match_aten(bits: int, dtype: torch.dtype) -> None:
+    """±inf, NaN and the dtype's limits (quant.py's endpoint groups): the kernels store and restore them as
+    the aten code does, NaN where NaN (NaN payload bits are not part of the format)."""
+    from test_quant import _same, _special_groups
+
+    x = torch.tensor(_special_groups(dtype, 8), dtype=torch.float32).to(dtype).reshape(-1)
+    noise = torch.rand(x.numel() // 8, 8, generator=torch.Generator().manual_seed(bits))
+    codes, meta = tqz.triton_quantize(x, bits, 8, noise)
+    ref_codes, ref_meta = quant.quantize(x, bits, 8, noise)
+    assert torch.equal(codes, ref_codes) and _same(meta.float(), ref_meta.float())
+    out = tdq.triton_dequantize(ref_codes, ref_meta, bits, x.numel(), dtype)
+    assert _same(out.float(), quant.dequantize(ref_codes, ref_meta, bits, x.numel(), dtype).float())
