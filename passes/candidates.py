@@ -22,8 +22,9 @@ import torch.fx as fx
 from actc import _torch_compat as compat
 from actc.config import ActcConfig
 from actc.kernels import quant
+from actc.passes.reach import FLOATS, extreme_values, grad_reach, is_view, op_name, parameter_derived
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
 # Ops whose later outputs are per-row statistics (softmax logsumexp, normalization mean/rstd): an error in
 # them scales whole rows of the gradient, and they are small, so they stay exact.
 STATISTIC_PRODUCERS = ("scaled_dot_product", "layer_norm", "batch_norm", "group_norm", "rms_norm",
@@ -85,24 +86,6 @@ class Saved:
         return getattr(target, "__name__", str(target)).split(".")[0] if self.node.op == "call_function" else self.node.op
 
 
-def op_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
-
-def is_view(node: fx.Node) -> bool:
-    """An aten op whose result aliases its first argument (schema ``Tensor(a)`` or ``Tensor(a)[]``),
-    or ``getitem`` of such a list (split, unbind, chunk)."""
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem:
-        return isinstance(node.args[0], fx.Node) and is_view(node.args[0])
-    schema = getattr(node.target, "_schema", None)
-    if schema is None or len(schema.returns) != 1:
-        return False
-    alias = schema.returns[0].alias_info
-    return alias is not None and not alias.is_write and isinstance(node.args[0], fx.Node)
-
-
 def alias_chain(node: fx.Node) -> list[fx.Node]:
     """[root, view1, ..., node]: the views that lead from the root storage to ``node``."""
     chain = [node]
@@ -133,64 +116,6 @@ def dense_perm(val: torch.Tensor) -> tuple[int, ...] | None:
             return None
         expected *= shape[d]
     return perm
-
-
-def parameter_derived(fw: fx.GraphModule, static_indices: list[int] | None) -> set[fx.Node]:
-    """Nodes computed only from parameters/buffers (static-lifetime primals) and constants."""
-    placeholders = fw.graph.find_nodes(op="placeholder")
-    static = {placeholders[i] for i in (static_indices or []) if i < len(placeholders)}
-    derived: set[fx.Node] = set()
-    for node in fw.graph.nodes:
-        if node.op == "placeholder":
-            if node in static:
-                derived.add(node)
-        elif node.op == "call_function" and node.all_input_nodes and all(n in derived for n in node.all_input_nodes):
-            derived.add(node)
-    return derived
-
-
-def grad_reach(fw: fx.GraphModule, static_indices: list[int] | None, needs_grad: frozenset[str] | None):
-    """Forward nodes that depend on a parameter or buffer (static-lifetime primals) or on an input that
-    requires grad; None when ``needs_grad`` is unknown.
-
-    A saved float tensor outside this set is no activation of the model: an attention mask built by
-    ``where`` from the input's padding, a position table, a constant. It is cheap to keep, it can hold -inf
-    or the dtype's minimum, and no gradient flows through it, so it stays exact. (Bool masks are packed
-    exactly either way; a frozen trunk's output depends on its parameters and is an activation.)
-    """
-    if needs_grad is None:
-        return None
-    placeholders = fw.graph.find_nodes(op="placeholder")
-    static = {placeholders[i] for i in (static_indices or []) if i < len(placeholders)}
-    reach = {p for p in placeholders if p in static or p.name in needs_grad}
-    for node in fw.graph.nodes:
-        if node.op == "call_function" and any(n in reach for n in node.all_input_nodes):
-            reach.add(node)
-    return reach
-
-
-def extreme_constants(fw: fx.GraphModule) -> dict[fx.Node, float]:
-    """Forward nodes that may hold ±inf, NaN or values near their dtype's limits, each with the constant that
-    put it there: a scalar argument of that kind (``where(mask, 0, -inf)``, ``full(..., finfo.min)``,
-    ``masked_fill``), carried through pointwise ops and views (``scores + mask``). Reductions, matmuls and
-    softmax end it. quant.py stores such values exactly only in groups of at most two distinct values, so
-    the tensors found here stay exact."""
-    found: dict[fx.Node, float] = {}
-    for node in fw.graph.nodes:
-        val = node.meta.get("val")
-        if node.op != "call_function" or not isinstance(val, torch.Tensor) or val.dtype not in FLOATS:
-            continue
-        limit = torch.finfo(val.dtype).max / 2
-        scalars = []
-        torch.fx.node.map_aggregate((node.args, node.kwargs), lambda a: scalars.append(a) if isinstance(a, float) else None)
-        extreme = [c for c in scalars if not math.isfinite(c) or abs(c) >= limit]
-        inherited = [found[n] for n in node.all_input_nodes if n in found]
-        if extreme:
-            found[node] = extreme[0]
-        elif inherited and (is_view(node) or torch.Tag.pointwise in getattr(node.target, "tags", ())
-                            or op_name(node) in ELEMENTWISE or op_name(node) == "where"):
-            found[node] = inherited[0]
-    return found
 
 
 def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
@@ -295,7 +220,7 @@ def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
              if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
     params = parameter_derived(fw, static_indices)
     reach = grad_reach(fw, static_indices, needs_grad)
-    extreme = extreme_constants(fw)
+    extreme = extreme_values(fw)
     groups: dict[fx.Node, list[fx.Node]] = {}
     chains: dict[fx.Node, list[fx.Node]] = {}
     for node in saved:
