@@ -130,3 +130,14 @@ def has_symbolic_inputs(gm: fx.GraphModule, example_inputs) -> bool:
                 not isinstance(s, int) for s in (*value.shape, *value.stride()))):
             return True
     return any(isinstance(x, torch.SymInt) for x in example_inputs)
+
+
+# 2.11, 2.13: torch's logging registry. TORCH_LOGS="actc" already resolves as a module name; registering
+# the alias also lists it in TORCH_LOGS="help" and lets torch._logging.set_logs(actc=logging.INFO) work.
+def register_torch_log(name: str) -> None:
+    try:
+        from torch._logging._internal import log_registry, register_log
+    except ImportError:  # a layout this file was not checked on: TORCH_LOGS still finds the module
+        return
+    if not log_registry.is_log(name):
+        register_log(name, name)

@@ -1,5 +1,6 @@
-"""``actc.explain``: the per-tensor plan for a model, from Python.
+"""The Python entry points: ``actc.compile`` (train with it) and ``actc.explain`` (the per-tensor plan).
 
+    >>> actc.compile(model, memory_budget="2bit")      # in place, like model.compile; bad options raise here
     >>> print(actc.explain(model, x, memory_budget="2bit"))
     graph  name   shape      dtype    producer  bits  before  after  reason
     0      addmm  (64, 256)  float32  addmm     2     65536   4608
@@ -7,12 +8,13 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from actc.backend import compile_with_session
+from actc.backend import actc_backend, compile_with_session, mode_patches
 from actc.config import ActcConfig
 from actc.plan import GraphPlan, table, to_json
 from actc.session import Session
@@ -35,6 +37,26 @@ class Explanation:
     @property
     def bytes_after(self) -> int:
         return sum(p.bytes_after for p in self.plans)
+
+
+def compile(model: torch.nn.Module, *, dynamic: bool | None = None, fullgraph: bool = False,
+            mode: str | None = None, **options: Any) -> torch.nn.Module:
+    """Compile ``model`` in place with actc, as ``model.compile(backend="actc", options=options)`` would,
+    and return it.
+
+    The difference is when errors come: every option (and ``mode``) is checked here, so a typo raises
+    ``ActcOptionError`` naming the option, the value and what is valid, instead of a
+    ``BackendCompilerFailed`` at the first forward. ``mode`` ("max-autotune", ...) is applied as Inductor
+    applies it, together with the options (``torch.compile`` accepts only one of the two).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"actc.compile takes an nn.Module (got {type(model).__name__}); "
+                        f"for a function use torch.compile(fn, backend='actc', options=...)")
+    ActcConfig.from_options(options)
+    mode_patches(mode)
+    backend = functools.partial(actc_backend, options=options, mode=mode)
+    model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    return model
 
 
 def explain(model: torch.nn.Module, *inputs: Any, dynamic: bool | None = None, **options: Any) -> Explanation:

@@ -21,17 +21,20 @@ from typing import Any, Mapping
 import torch
 
 from actc import _torch_compat as compat
-from actc.config import ActcConfig
+from actc.config import ActcConfig, ActcOptionError
 from actc.session import Session
 
 log = logging.getLogger("actc")
+compat.register_torch_log("actc")  # TORCH_LOGS="actc" (totals per graph) or "+actc" (each graph's table)
 
 
 class CompiledGraph:
     """What the backend returns for one dynamo graph: its compiled function, recompiled after a re-plan."""
 
-    def __init__(self, session: Session, gm: torch.fx.GraphModule, example_inputs) -> None:
+    def __init__(self, session: Session, gm: torch.fx.GraphModule, example_inputs,
+                 patches: Mapping[str, Any] | None = None) -> None:
         self.session, self.gm, self.example_inputs = session, gm, list(example_inputs)
+        self.patches = dict(patches or {})  # Inductor options of the compile call's ``mode``
         # the graph's inputs, named after their sources in the model: two identical blocks split by a graph
         # break are two regions, and a dynamo recompile of one block is the same region
         names = ",".join(str(n.target) for n in gm.graph.find_nodes(op="placeholder"))
@@ -46,7 +49,7 @@ class CompiledGraph:
         from actc.passes.partition import ActcPartitioner
 
         return compat.compile_fx(self.gm, self.example_inputs,
-                                 config_patches={"custom_partitioner_fn": ActcPartitioner(self.session, self)})
+                                 config_patches={**self.patches, "custom_partitioner_fn": ActcPartitioner(self.session, self)})
 
     def __call__(self, *args):
         self.session.maybe_replan()
@@ -86,10 +89,24 @@ def session_for(options: Mapping[str, Any] | None) -> Session:
     return held[1]
 
 
-def compile_with_session(gm: torch.fx.GraphModule, example_inputs, session: Session) -> CompiledGraph:
-    return CompiledGraph(session, gm, example_inputs)
+def mode_patches(mode: str | None) -> dict[str, Any]:
+    """The Inductor options of ``torch.compile``'s ``mode`` ("max-autotune", "reduce-overhead", ...), as
+    Inductor itself applies them; an unknown mode raises at once, with the valid ones."""
+    if mode is None:
+        return {}
+    try:
+        return dict(torch._inductor.list_mode_options(mode))
+    except RuntimeError as e:
+        raise ActcOptionError(f"mode {mode!r}: {e}") from None
 
 
-def actc_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None, **_: Any):
-    """The callable registered as ``backend="actc"``."""
-    return compile_with_session(gm, example_inputs, session_for(options))
+def compile_with_session(gm: torch.fx.GraphModule, example_inputs, session: Session,
+                         patches: Mapping[str, Any] | None = None) -> CompiledGraph:
+    return CompiledGraph(session, gm, example_inputs, patches)
+
+
+def actc_backend(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None,
+                 mode: str | None = None, **_: Any):
+    """The callable registered as ``backend="actc"``. torch.compile passes ``mode`` or ``options``, never
+    both (it refuses that for every backend); ``actc.compile`` takes both."""
+    return compile_with_session(gm, example_inputs, session_for(options), mode_patches(mode))

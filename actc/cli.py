@@ -1,8 +1,11 @@
 """The `actc` command.
 
     actc dump PATH_OR_MODULE:FACTORY [--budget B] [--format text|json] [--option KEY=VALUE ...]
-        FACTORY() returns (model, example_inputs). Prints the rewritten forward and backward graphs and
-        the per-tensor plan (name, shape, dtype, producer, bits, bytes before/after, reason) with totals.
+              [--graphs] [--all] [--plot plan.png]
+        FACTORY() returns (model, example_inputs). Prints the per-tensor plan (module, name, shape, dtype,
+        producer, bits, bytes before/after, reason) with totals; --graphs adds the rewritten forward and
+        backward graphs, --all the primals, --plot draws bytes per module (needs matplotlib).
+    actc --version
     actc demo [--steps N] [--budgets 8bit,4bit,2bit]
         Trains a small transformer LM on generated data with backend="inductor" and with backend="actc",
         and prints saved MiB, x less, step-time ratio and final loss.
@@ -17,6 +20,7 @@ import os
 import sys
 
 from actc.config import ActcOptionError
+from actc.plan import table
 
 
 def load_factory(spec: str):
@@ -60,13 +64,20 @@ def dump(args) -> int:
     if args.budget is not None:
         options["memory_budget"] = _budget_arg(args.budget)
     explanation = actc.explain(model, *inputs, **options)
+    if args.plot:
+        from actc.plot import plot_plan
+
+        plot_plan(explanation.plans, args.plot)
     if args.format == "json":
-        print(explanation.to_json())
+        print(explanation.to_json(include_code=args.graphs))
         return 0
-    for plan in explanation.plans:
-        print(f"===== graph {plan.graph}: forward =====\n{plan.forward_code.strip()}\n")
-        print(f"===== graph {plan.graph}: backward =====\n{plan.backward_code.strip()}\n")
-    print(str(explanation))
+    print(table(explanation.plans, primals=args.all))
+    if args.graphs:
+        for plan in explanation.plans:
+            print(f"\n===== graph {plan.graph}: forward =====\n{plan.forward_code.strip()}")
+            print(f"\n===== graph {plan.graph}: backward =====\n{plan.backward_code.strip()}")
+    if args.plot:
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -79,13 +90,19 @@ def _budget_arg(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from actc import __version__
+
     parser = argparse.ArgumentParser(prog="actc", description="Activation-compressed training for torch.compile")
+    parser.add_argument("--version", action="version", version=f"actc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("dump", help="print the rewritten graphs and the per-tensor plan of a model")
+    p = sub.add_parser("dump", help="print the per-tensor plan of a model (and, on request, its rewritten graphs)")
     p.add_argument("target", help="PATH_OR_MODULE:FACTORY; FACTORY() returns (model, example_inputs)")
     p.add_argument("--budget", help="memory budget: '2bit', 0.1 or '512MB' (default: 2bit)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other actc option")
+    p.add_argument("--graphs", action="store_true", help="also print the rewritten forward and backward graphs")
+    p.add_argument("--all", action="store_true", help="also list primals and parameter-derived tensors")
+    p.add_argument("--plot", metavar="PNG", help="draw bytes before/after per module and the bits chosen")
     d = sub.add_parser("demo", help="train a small transformer LM with inductor and actc, side by side")
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--budgets", default="8bit,4bit,2bit")

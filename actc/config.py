@@ -23,6 +23,7 @@ ALLOCATIONS = ("adaptive", "static")
 SENSITIVITIES = ("relative", "absolute")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MIN_BUDGET_BYTES = 1024  # an absolute budget below 1 KiB is almost surely a slip for '1bit' or 1.0
 BUDGET_FORMS = "average bits like '2bit' (1 to 8), a fraction of the saved bytes like 0.1 (0 < f <= 1), " \
                "or absolute bytes like '512MB', '1.5GiB' or an int"
 
@@ -67,7 +68,7 @@ def parse_budget(value: Any, key: str = "memory_budget") -> Budget:
     if isinstance(value, int):
         if value < 0:
             raise ActcOptionError(f"option {key!r}: {value!r} bytes is negative; valid: {BUDGET_FORMS}")
-        return Bytes(value)
+        return _bytes(value, value, key)
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:
             raise ActcOptionError(f"option {key!r}: fraction {value!r} is outside (0, 1]; valid: {BUDGET_FORMS}")
@@ -85,8 +86,17 @@ def parse_budget(value: Any, key: str = "memory_budget") -> Budget:
             number = float(m.group(1))
             if m.group(2) == "" and "." in m.group(1):
                 return parse_budget(number, key)
-            return Bytes(int(number * _UNITS[m.group(2)]))
+            return _bytes(int(number * _UNITS[m.group(2)]), value, key)
     raise ActcOptionError(f"option {key!r}: cannot read {value!r} as a budget; valid: {BUDGET_FORMS}")
+
+
+def _bytes(nbytes: int, value: Any, key: str) -> Bytes:
+    if nbytes < MIN_BUDGET_BYTES:
+        raise ActcOptionError(f"option {key!r}: {value!r} reads as a budget of {nbytes} bytes for all saved "
+                              f"activations, which is almost surely a mistake (at least {MIN_BUDGET_BYTES} bytes). "
+                              f"1 bit per element is '1bit'; a fraction of the saved bytes is a float like 1.0 or 0.1. "
+                              f"Valid: {BUDGET_FORMS}")
+    return Bytes(nbytes)
 
 
 @dataclass(frozen=True)

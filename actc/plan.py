@@ -21,6 +21,7 @@ class TensorPlan:
     consumer: str = ""        # "linear" | "other" | "smooth" | "stat" | "exp": how the backward reads it (passes/candidates.py)
     weight: float = 0.0       # sensitivity weight the allocator used
     activation: bool = True   # primals and parameter-derived tensors are listed but not counted
+    module: str = ""          # innermost module that made it ("blocks.0.mlp.fc1"), from nn_module_stack
 
 
 @dataclass
@@ -56,16 +57,19 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
 
-HEADER = ("name", "shape", "dtype", "producer", "bits", "before", "after", "reason")
+HEADER = ("module", "name", "shape", "dtype", "producer", "bits", "before", "after", "reason")
 
 
-def table(plans: list[GraphPlan]) -> str:
-    """A fixed-width table of every tensor in every graph, with per-graph and overall totals."""
+def table(plans: list[GraphPlan], primals: bool = False) -> str:
+    """A fixed-width table of every saved activation in every graph (primals and parameter-derived tensors
+    too with ``primals``), with per-graph and overall totals."""
     rows = [("graph",) + HEADER]
     for p in plans:
         for t in p.tensors:
+            if not (t.activation or primals):
+                continue
             bits = "-" if t.bits is None else str(t.bits)
-            rows.append((str(p.graph), t.name, t.shape, t.dtype, t.producer, bits,
+            rows.append((str(p.graph), t.module or "-", t.name, t.shape, t.dtype, t.producer, bits,
                          str(t.bytes_before), str(t.bytes_after), t.reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
@@ -77,11 +81,18 @@ def table(plans: list[GraphPlan]) -> str:
     return "\n".join(lines)
 
 
+def shape_list(shape: str) -> list[int | str]:
+    """"(8, 64, s0)" -> [8, 64, "s0"]: ints, and symbolic sizes as their names."""
+    return [int(d) if d.lstrip("-").isdigit() else d for d in shape.strip("()").replace(" ", "").split(",") if d]
+
+
 def to_json(plans: list[GraphPlan], include_code: bool = True) -> str:
     out = []
     for p in plans:
         d = asdict(p)
         d["bytes_before"], d["bytes_after"] = p.bytes_before, p.bytes_after
+        for t in d["tensors"]:
+            t["shape"] = shape_list(t["shape"])
         if not include_code:
             d.pop("forward_code"), d.pop("backward_code")
         out.append(d)

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -149,13 +150,35 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
 def _recomputed_plan(node: fx.Node, source: str) -> TensorPlan:
     """The plan's row for a tensor that passes/remat.py no longer saves."""
     val = node.meta["val"]
-    return TensorPlan(name=node.name, **_shape_dtype(val), producer=op_name(node), kind="recompute", bits=None,
+    return TensorPlan(name=node.name, **_describe(node), producer=op_name(node), kind="recompute", bits=None,
                       bytes_before=val.numel() * val.element_size(), bytes_after=0,
                       reason=f"recomputed in the backward from %{source} (pointwise)")
 
 
-def _shape_dtype(val: torch.Tensor) -> dict[str, str]:
-    return dict(shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""))
+def _describe(node: fx.Node) -> dict[str, str]:
+    val = node.meta["val"]
+    return dict(shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""),
+                module=module_path(node))
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module that made ``node`` ("blocks.0.mlp.fc1"), from the ``nn_module_stack`` that dynamo
+    records and AOTAutograd copies onto the joint graph; "" for a primal or when it was not recorded.
+    Ops that the backward's trace placed in the forward (a transposed activation for a weight gradient)
+    carry no stack: they take the module of the nearest input that has one."""
+    for _ in range(16):
+        stack = node.meta.get("nn_module_stack") or {}
+        inputs = [n for n in node.all_input_nodes if n.op != "placeholder"]
+        if stack or not inputs:
+            break
+        node = inputs[0]
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = re.sub(r"^L\['self'\]\.?|^L\['[^']*'\]\.?", "", path)    # dynamo's source prefix
+    path = re.sub(r"\[(\d+)\]", r".\1", path)                      # h[0] -> h.0
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    return path.strip(".")
 
 
 def _mask_bytes(fw: fx.GraphModule, bw: fx.GraphModule, r: Saved) -> int:
@@ -190,6 +213,6 @@ def _tensor_plan(r: Saved, bits, kept: bool, config, cands) -> TensorPlan:
     elif r.kind == "mask":
         after = quant.mask_bytes(r.numel)
     weight = next((c.weight for c in cands if c.id == r.name), 0.0)
-    return TensorPlan(name=r.name, **_shape_dtype(val), producer=r.producer, kind=kind, bits=bits if kind in ("quant", "mask") else None,
+    return TensorPlan(name=r.name, **_describe(r.node), producer=r.producer, kind=kind, bits=bits if kind in ("quant", "mask") else None,
                       bytes_before=0 if r.added else r.full_bytes, bytes_after=after, reason=reason, consumer=r.consumer, weight=weight,
                       activation=r.activation)

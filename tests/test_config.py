@@ -10,7 +10,7 @@ from actc.config import ENV_BUDGET, ActcConfig, ActcOptionError, AverageBits, By
     ("2bit", AverageBits(2.0)), ("1.5 bits", AverageBits(1.5)), ("8BIT", AverageBits(8.0)),
     (0.1, Fraction(0.1)), ("0.25", Fraction(0.25)), (1.0, Fraction(1.0)),
     ("512MB", Bytes(512 * 10**6)), ("1.5GiB", Bytes(int(1.5 * 2**30))), ("64KiB", Bytes(65536)),
-    (4096, Bytes(4096)), ("4096", Bytes(4096)), (0, Bytes(0)),
+    (4096, Bytes(4096)), ("4096", Bytes(4096)), (1024, Bytes(1024)),
 ])
 def test_budget_forms(value, expected):
     assert parse_budget(value) == expected
@@ -20,6 +20,8 @@ def test_budget_forms(value, expected):
     ("0.5bit", "outside 1 to 8 bits"), ("16bit", "outside 1 to 8 bits"), (1.5, "outside (0, 1]"),
     (0.0, "outside (0, 1]"), (-5, "negative"), ("lots", "cannot read"), ("12 parsecs", "cannot read"),
     (True, "not a budget"), ([2], "cannot read"),
+    # an int this small is a slip for '1bit' or 1.0: the message says which is which
+    (0, "'1bit'"), (1, "a float like 1.0"), (100, "almost surely a mistake"), ("1", "1 bytes"), ("1kb", "1000 bytes"),
 ])
 def test_bad_budgets_name_the_value_and_the_valid_forms(value, fragment):
     with pytest.raises(ActcOptionError) as e:
