@@ -15,6 +15,8 @@ import torch
 from actc.backend import session_for
 from conftest import cosine, flat_grads
 
+pytestmark = pytest.mark.slow  # four transformers families, minutes on 2 cores
+
 transformers = pytest.importorskip("transformers")
 
 BATCH, SEQ, VOCAB = 4, 32, 128
