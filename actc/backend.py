@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
+import weakref
 from typing import Any, Mapping
 
 import torch
@@ -72,21 +74,29 @@ class CompiledGraph:
         self.session.recompiled(time.perf_counter() - start)
 
 
-# One session per options dict (a torch.compile call hands the same dict to every graph it compiles),
-# and one for the environment-variable path, where no dict exists.
-_sessions: dict[int, tuple[Any, Session]] = {}
-_env_sessions: dict[ActcConfig, Session] = {}
+# One session per options dict (a torch.compile call hands the same dict to every graph it compiles), and
+# one per config for the environment-variable path, where no dict exists. Both maps are weak: a session
+# lives as long as the CompiledGraphs that hold it, which dynamo's cache holds; torch._dynamo.reset() or a
+# dropped model frees it. The session keeps its options dict, so the dict's id cannot be reused meanwhile.
+_sessions: "weakref.WeakValueDictionary[int, Session]" = weakref.WeakValueDictionary()
+_env_sessions: "weakref.WeakValueDictionary[ActcConfig, Session]" = weakref.WeakValueDictionary()
+_lock = threading.Lock()
 
 
 def session_for(options: Mapping[str, Any] | None) -> Session:
     config = ActcConfig.from_options(options)
-    if options is None:
-        return _env_sessions.setdefault(config, Session(config))
-    held = _sessions.get(id(options))
-    if held is None or held[0] is not options or held[1].config != config:
-        held = (options, Session(config))
-        _sessions[id(options)] = held
-    return held[1]
+    with _lock:  # dynamo may compile from several threads
+        if options is None:
+            session = _env_sessions.get(config)
+            if session is None:
+                session = _env_sessions[config] = Session(config)
+            return session
+        session = _sessions.get(id(options))
+        if session is None or session.options is not options or session.config != config:
+            session = Session(config)
+            session.options = options
+            _sessions[id(options)] = session
+        return session
 
 
 def mode_patches(mode: str | None) -> dict[str, Any]:

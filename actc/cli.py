@@ -6,7 +6,7 @@
         producer, bits, bytes before/after, reason) with totals; --graphs adds the rewritten forward and
         backward graphs, --all the primals, --plot draws bytes per module (needs matplotlib).
     actc --version
-    actc demo [--steps N] [--budgets 8bit,4bit,2bit]
+    actc demo [--steps N] [--budgets 2bit]
         Trains a small transformer LM on generated data with backend="inductor" and with backend="actc",
         and prints saved MiB, x less, step-time ratio and final loss.
 """
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="also list primals and parameter-derived tensors")
     p.add_argument("--plot", metavar="PNG", help="draw bytes before/after per module and the bits chosen")
     d = sub.add_parser("demo", help="train a small transformer LM with inductor and actc, side by side")
-    d.add_argument("--steps", type=int, default=30)
-    d.add_argument("--budgets", default="8bit,4bit,2bit")
+    d.add_argument("--steps", type=int, default=120)
+    d.add_argument("--budgets", default="2bit", help="comma-separated, e.g. 8bit,2bit (each adds a compile)")
     args = parser.parse_args(argv)
     try:
         if args.command == "dump":

@@ -25,6 +25,7 @@ import statistics
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,9 @@ from actc.plan import GraphPlan, table, to_json
 log = logging.getLogger("actc")
 HYSTERESIS = 0.05  # a re-plan must cut the variance proxy by more than 5% under the measured weights
 _ids = itertools.count()
-SESSIONS: dict[int, "Session"] = {}  # by id, for actc::observe (the compiled backward names its session)
+# by id, for actc::observe (the compiled backward names its session). Weak: a session lives as long as the
+# compiled graphs that hold it, so torch._dynamo.reset() (or a dropped model) frees it.
+SESSIONS: "weakref.WeakValueDictionary[int, Session]" = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Session:
         self.config = config
         self.id = next(_ids)
         self.token = uuid.uuid4().hex  # unique across processes, for the compile caches
+        self.options: Any = None  # the options dict it was made for (backend.session_for keys on its id)
         SESSIONS[self.id] = self
         self.regions: dict[str, Region] = {}
         self.replans: list[dict] = []

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import weakref
 from typing import Any
 
 import torch
@@ -44,8 +45,20 @@ class ActcPartitioner(compat.CustomPartitionerFn):
     """``torch._inductor.config.custom_partitioner_fn`` for one graph of one actc session."""
 
     def __init__(self, session, graph=None) -> None:
-        self.session = session
-        self.graph = graph  # the backend's CompiledGraph: where the region found here is recorded
+        # Weak: Inductor keeps a copy of its last config (this object included) after compiling, and a
+        # strong reference from there would keep the last session and its graphs alive after
+        # torch._dynamo.reset(). The CompiledGraph (which holds the session) is alive while it compiles.
+        self._session = weakref.ref(session)
+        self._graph = weakref.ref(graph) if graph is not None else None
+        self._keep = session if graph is None else None  # no CompiledGraph to hold the session
+
+    @property
+    def session(self):
+        return self._session()
+
+    @property
+    def graph(self):  # the backend's CompiledGraph: where the region found here is recorded
+        return self._graph() if self._graph is not None else None
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any):
         needs_grad = _primals_needing_grad(gm, kwargs["num_fwd_outputs"])
@@ -76,6 +89,8 @@ class ActcPartitioner(compat.CustomPartitionerFn):
         # The compile caches must never serve a graph compiled under other options, other actc code, or
         # (absolute budgets, adaptive allocation) another session's plan or statistics buffers.
         region = self.graph.region if self.graph is not None else None
+        if self.session is None:  # a stale copy of Inductor's config, after the session was freed
+            return compat.get_hash_for_files(_source_files(), "freed session").hex()
         salt = self.session.cache_salt(region)
         return compat.get_hash_for_files(_source_files(), repr(self.session.config) + salt).hex()
 

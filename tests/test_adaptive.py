@@ -211,6 +211,7 @@ def test_other_readers():
         assert other_readers([placeholder]) is expected
 
 
+@pytest.mark.slow  # ~150 s on 2 cores
 def test_broadcast_rows_count_every_copy():
     """TinyGPT's position embedding (context x width) is added to every row of the batch and read by a
     LayerNorm (no weight gradient: a fallback row). Its range factor counts each stored element once per

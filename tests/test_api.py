@@ -108,3 +108,55 @@ def test_version_and_log_registry():
     from torch._logging._internal import log_registry
 
     assert actc.__version__ and log_registry.is_log("actc")
+
+
+def test_sessions_live_as_long_as_their_compiled_graphs():
+    """30 options dicts made 30 sessions that nothing freed; now each lives as long as its compiled graphs."""
+    import gc
+
+    from actc import backend, session
+
+    torch._dynamo.reset()
+    gc.collect()
+    before = len(session.SESSIONS)
+    x = torch.randn(32, 64)
+    for i in range(30):
+        model = torch.compile(Tiny(), backend="actc", options={"memory_budget": "2bit", "min_bytes": 1024})
+        model(x).sum().backward()
+    assert len(session.SESSIONS) > before  # alive while dynamo holds the compiled graphs
+    del model
+    torch._dynamo.reset()
+    gc.collect()
+    assert len(session.SESSIONS) == before and len(backend._sessions) == 0
+
+
+RACE = """
+import sys, threading, torch
+if sys.argv[1] == "import":
+    import actc
+errors, start = [], threading.Barrier(8)
+def first_use():
+    try:
+        start.wait()
+        if sys.argv[1] == "import":
+            f = torch.compile(lambda x: (2 * x).sin(), backend="actc")
+        else:
+            f = actc.compile(torch.nn.Linear(4, 4))
+        f(torch.randn(2, 4))
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=first_use) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("errors", errors)
+"""
+
+
+@pytest.mark.parametrize("route", ["import", "actc.compile"])
+def test_first_use_from_threads_does_not_race(route):
+    """Left to torch's lazy entry-point registration, 8 threads that first look up "actc" at once fail
+    with 'duplicate name: actc' (7 of 8 on torch 2.13). `import actc` registers the name up front, and
+    actc.compile passes a callable, which is never looked up by name."""
+    code = RACE if route == "import" else RACE.replace('if sys.argv[1] == "import":\n    import actc', "import actc")
+    run = subprocess.run([sys.executable, "-c", code, route], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "errors []" in run.stdout, run.stdout + run.stderr[-2000:]

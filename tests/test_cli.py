@@ -1,12 +1,14 @@
-"""`actc dump` on a fixture file, in text and json, and its errors."""
+"""`actc dump` on a fixture file, in text and json, and its errors; `actc demo`."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from actc.cli import main
+from actc.demo import counting_task
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_model.py")
 
@@ -80,3 +82,19 @@ def test_console_script_is_installed():
 
     version = subprocess.run([sys.executable, "-m", "actc.cli", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == f"actc {actc.__version__}"
+
+
+def test_counting_task_is_determined_after_two_tokens():
+    x, y = counting_task(8, 16, 32, torch.Generator().manual_seed(0))
+    stride = (x[:, 1] - x[:, 0]) % 32
+    assert torch.equal(y[:, 1:], (x[:, 1:] + stride[:, None]) % 32) and bool(((stride >= 1) & (stride <= 4)).all())
+
+
+@pytest.mark.slow  # two compiles (inductor, actc): a minute or two
+def test_demo_prints_progress_then_the_table(capsys):
+    assert main(["demo", "--steps", "8"]) == 0
+    out = capsys.readouterr().out
+    for line in ("inductor: compiled in", "actc 2bit: step 8/8", "saved MiB: activations"):
+        assert line in out, out
+    row = next(l for l in out.splitlines() if l.startswith("actc 2bit "))
+    assert float(row.split()[3]) > 4  # x less than inductor: compression happened

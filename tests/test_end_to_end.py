@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from actc.models import ConvNet, TinyGPT, copy_task, lm_loss
 from conftest import cosine, measure_saved, train_steps
 
+pytestmark = pytest.mark.slow  # three models trained under several modes: ~20 minutes on 2 cores
+
 # min_bytes (the payoff threshold) is 16 KiB by default: at these toy sizes most activations are smaller,
 # and nothing would be compressed. 1 KiB makes every activation of every model here a candidate.
 SMALL = 1024

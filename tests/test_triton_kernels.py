@@ -43,6 +43,7 @@ def _interpret(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+@pytest.mark.slow  # every kernel test again, in Triton's interpreter: minutes
 def test_in_fresh_process() -> None:
     if _IN_PROCESS:
         pytest.skip("the interpreter tests run in this process")
