@@ -2,6 +2,7 @@
 recompile loop."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
