@@ -103,6 +103,7 @@ def test_replan_gives_the_sensitive_branch_more_bits():
             assert {(c["tensor"], c["bits_before"], c["bits_after"]) for c in replan["changed"]} == {(a, 4, 2), (b, 2, 4)}
 
 
+@pytest.mark.slow  # 40-80 s on 2 cores; the quick command skips it
 def test_relative_weights_follow_the_noise_relative_to_the_gradient():
     """Relative weights (the default; Adam's view) divide each tensor's noise by its weight gradient's squared
     norm. Scaling a branch's output by 100 scales both, so that branch is no more sensitive and the tie-break

@@ -94,6 +94,7 @@ print("done")
 """
 
 
+@pytest.mark.slow  # 40-80 s on 2 cores; the quick command skips it
 def test_torch_logs_shows_the_plan_and_the_default_is_quiet():
     quiet = _run(TRAIN)
     assert quiet.returncode == 0 and "done" in quiet.stdout, quiet.stderr[-2000:]

@@ -73,6 +73,7 @@ def test_masks_are_one_bit():
     assert masks[0].bytes_before == 32 * 256 and masks[0].bytes_after == 32 * 256 // 8
 
 
+@pytest.mark.slow  # 40-80 s on 2 cores; the quick command skips it
 def test_attention_aliases_compressed_once_at_the_root():
     torch.manual_seed(0)
     model = TinyGPT(vocab=32, width=64, layers=1, heads=2, context=32)
@@ -185,6 +186,7 @@ class LM(nn.Module):
         return F.cross_entropy(self.gpt(idx).flatten(0, 1), targets.flatten())
 
 
+@pytest.mark.slow  # 40-80 s on 2 cores; the quick command skips it
 def test_nonlinear_consumers_keep_a_fine_step():
     """Rounding noise averages out only through a backward that is linear in the saved tensor. The logits reach
     exp (log-softmax backward) and q/k the attention backward's softmax: >= 8 bits. GELU's input reaches erf: >= 4."""
@@ -291,6 +293,7 @@ def test_broadcast_factor(backward, saved_shape, expected):
     assert _broadcast(backward, saved_shape) == expected
 
 
+@pytest.mark.slow  # 40-80 s on 2 cores; the quick command skips it
 def test_broadcast_tensors_weigh_as_their_broadcast():
     """A position embedding (context x width) is added to every row of the batch; its rounding error is the
     same in all of them, so its default weight is its numel times the batch, and the plan says why."""
