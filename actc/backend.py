@@ -93,9 +93,7 @@ def session_for(options: Mapping[str, Any] | None) -> Session:
             return session
         session = _sessions.get(id(options))
         if session is None or session.options is not options or session.config != config:
-            session = Session(config)
-            session.options = options
-            _sessions[id(options)] = session
+            session = _sessions[id(options)] = Session(config, options)
         return session
 
 

@@ -11,9 +11,9 @@ only ratios are comparable.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import contextlib
 import statistics
 import threading
 import time
@@ -21,19 +21,11 @@ import time
 import torch
 
 from actc.measure import saved_bytes
-from actc.models import TinyGPT, lm_loss
+from actc.models import TinyGPT, counting_task, lm_loss
 
 CONFIG = dict(vocab=32, width=64, layers=2, heads=4, context=32)
 BATCH = 32
 LR = 1e-2
-
-
-def counting_task(batch: int, context: int, vocab: int, generator: torch.Generator):
-    """Sequences x, x+s, x+2s, ... (mod vocab) with a random start x and stride s in 1..4."""
-    start = torch.randint(0, vocab, (batch, 1), generator=generator)
-    stride = torch.randint(1, 5, (batch, 1), generator=generator)
-    seq = (start + stride * torch.arange(context + 1)) % vocab
-    return seq[:, :-1], seq[:, 1:]
 
 
 @contextlib.contextmanager
@@ -62,7 +54,7 @@ def train(name: str, backend: str, options: dict | None, steps: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     batches = [counting_task(BATCH, CONFIG["context"], CONFIG["vocab"], gen) for _ in range(steps)]
     print(f"{name}: compiling ...", flush=True)
-    times, losses, compile_s = [], [], 0.0
+    times, losses = [], []
     every = max(1, steps // 4)
     for step, (x, y) in enumerate(batches):
         t0 = time.perf_counter()
@@ -74,14 +66,13 @@ def train(name: str, backend: str, options: dict | None, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
         if step == 0:
-            compile_s = times[0]
-            print(f"{name}: compiled in {compile_s:.0f} s (forward and backward)", flush=True)
+            print(f"{name}: compiled in {times[0]:.0f} s (forward and backward)", flush=True)
         if (step + 1) % every == 0 or step + 1 == steps:
-            print(f"{name}: step {step + 1}/{steps}  loss {loss.item():.3f}", flush=True)
+            print(f"{name}: step {step + 1}/{steps}  loss {losses[-1]:.3f}", flush=True)
     x, y = batches[0]
     nbytes, out = saved_bytes(lambda: lm_loss(compiled(x), y), (*model.parameters(), x, y))
     out.backward()
-    return {"saved": nbytes, "step": statistics.median(times[2:]), "compile": compile_s,
+    return {"saved": nbytes, "step": statistics.median(times[2:]), "compile": times[0],
             "loss": statistics.mean(losses[-10:])}
 
 

@@ -75,3 +75,11 @@ def copy_task(batch: int, context: int, vocab: int, generator: torch.Generator) 
     half = torch.randint(0, vocab, (batch, context // 2 + 1), generator=generator)
     seq = torch.cat([half, half], dim=1)[:, : context + 1]
     return seq[:, :-1], seq[:, 1:]
+
+
+def counting_task(batch: int, context: int, vocab: int, generator: torch.Generator):
+    """Sequences x, x+s, x+2s, ... (mod vocab) with a random start x and stride s in 1..4."""
+    start = torch.randint(0, vocab, (batch, 1), generator=generator)
+    stride = torch.randint(1, 5, (batch, 1), generator=generator)
+    seq = (start + stride * torch.arange(context + 1)) % vocab
+    return seq[:, :-1], seq[:, 1:]

@@ -82,11 +82,11 @@ class Region:
 
 
 class Session:
-    def __init__(self, config: ActcConfig) -> None:
+    def __init__(self, config: ActcConfig, options: Any = None) -> None:
         self.config = config
         self.id = next(_ids)
         self.token = uuid.uuid4().hex  # unique across processes, for the compile caches
-        self.options: Any = None  # the options dict it was made for (backend.session_for keys on its id)
+        self.options = options  # the options dict it was made for (backend.session_for keys on its id)
         SESSIONS[self.id] = self
         self.regions: dict[str, Region] = {}
         self.replans: list[dict] = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actc.cli import main
-from actc.demo import counting_task
+from actc.models import counting_task
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_model.py")
 
