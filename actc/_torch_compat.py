@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from typing import Any
 
 import sympy
@@ -18,7 +19,6 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # noqa: F401
 from torch._inductor.compile_fx import compile_fx  # noqa: F401
 from torch._inductor.decomposition import select_decomp_table
-from torch._inductor.virtualized import V
 from torch._guards import detect_fake_mode  # noqa: F401
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import is_symbolic  # noqa: F401
@@ -99,27 +99,31 @@ def trace(fn, *args) -> fx.GraphModule:
     return gm
 
 
-def replace_random(gm: fx.GraphModule) -> None:
-    """Turn aten.rand into Inductor's seeded RNG prims (seeded from torch's generator).
+def after_graph_seeds(gm: fx.GraphModule) -> fx.Node:
+    """The node after which a new random draw goes so that the graph's own seeds draw first.
 
-    2.11, 2.13: Inductor has no lowering for aten.rand outside fallback_random; its joint-graph pass
-    ``replace_random_passes`` rewrites it, and needs V.fake_mode set.
-    """
-    from torch._inductor.fx_passes.replace_random import replace_random_passes
-
-    seeds_op = torch.ops.prims.inductor_seeds.default
-    before = gm.graph.find_nodes(op="call_function", target=seeds_op)
-    fake_mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)])
-    with V.set_fake_mode(fake_mode):
-        replace_random_passes(gm)
-    # The seeds op draws from torch's generator when it runs. The graph's own seeds (dropout's, fused by the
-    # joint-graph pass) must draw first, as they do under plain Inductor, or every dropout mask would change:
-    # move all seeds ops (they take only constants) to the top, the graph's own first.
-    added = [n for n in gm.graph.find_nodes(op="call_function", target=seeds_op) if n not in before]
+    2.11, 2.13: Inductor's joint-graph pass ``replace_random_passes`` has already turned the graph's
+    aten.rand/dropout into one ``prims.inductor_seeds`` call, which draws from torch's generator when it
+    runs. Under plain Inductor it is the forward's first draw; it must stay first, or every dropout mask would
+    change. It is moved to the top (it takes only constants), and the anchor is the last of them (or the last
+    placeholder)."""
     anchor = gm.graph.find_nodes(op="placeholder")[-1]
-    for node in (*before, *added):
-        anchor.append(node)
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.prims.inductor_seeds.default):
+        if node is not anchor.next:
+            anchor.append(node)
         anchor = node
+    while anchor.next.op == "call_function" and anchor.next.target is torch.ops.actc.seeds.default:
+        anchor = anchor.next  # another device's seeds, drawn earlier in the same rewrite
+        while anchor.next.op == "call_function" and anchor.next.target is operator.getitem:
+            anchor = anchor.next
+    return anchor
+
+
+def fake_like(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A fake tensor of ``shape`` and ``dtype`` on ``like``'s device, in ``like``'s fake mode."""
+    fake_mode = detect_fake_mode([like])
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def has_symbolic_inputs(gm: fx.GraphModule, example_inputs) -> bool:

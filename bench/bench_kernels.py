@@ -2,7 +2,10 @@
 
 For each size (MiB of fp32 input) and bit width, times compress (quantize) and decompress (dequantize):
 
-  inductor  torch.compile of the aten code in actc.kernels.quant (noise drawn inside the kernel)
+  inductor  torch.compile of the aten code in actc.kernels.quant, as actc's graphs run it: the noise a hash
+            of the element index and a seed tensor, computed inside the kernel (quant.hash_noise)
+  philox    the same with the noise from torch.rand, which Inductor turns into its Philox RNG (compress
+            only; what actc's graphs used before the hash)
   triton    the hand-written kernels of actc.kernels.triton_quantize / triton_dequantize (Philox in-kernel);
             GPU only: the interpreter (TRITON_INTERPRET=1) runs them on CPU, but its timings mean nothing
   copy      y.copy_(x) of the fp32 input: the bandwidth a memory-bound kernel can hope for
@@ -139,10 +142,13 @@ def bench_bits(x: torch.Tensor, bits: int, group: int, timer: Callable[[Callable
         rows.append(dict(bits=bits, group=group, op=op, path=path, ms=ms, gbps=nbytes / ms / 1e6))
 
     torch.compiler.reset()  # a fresh compile per (size, bits): static shapes, no recompile limit
-    compress = torch.compile(lambda t: quant.quantize(t, bits, group), dynamic=False)
+    compress = torch.compile(lambda t, s: quant.quantize(t, bits, group, seed=s), dynamic=False)
+    philox = torch.compile(lambda t: quant.quantize(t, bits, group), dynamic=False)
     decompress = torch.compile(lambda c, m: quant.dequantize(c, m, bits, n, torch.float32), dynamic=False)
-    codes, meta = compress(x)
-    row("compress", "inductor", lambda: compress(x), raw + packed)
+    seed = torch.tensor(12345, dtype=torch.int64, device=x.device)
+    codes, meta = compress(x, seed)
+    row("compress", "inductor", lambda: compress(x, seed), raw + packed)
+    row("compress", "philox", lambda: philox(x), raw + packed)
     row("decompress", "inductor", lambda: decompress(codes, meta), packed + raw)
 
     if triton_ok:

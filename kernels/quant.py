@@ -89,10 +89,12 @@ def _groups(flat: torch.Tensor, group: int, fill: float) -> torch.Tensor:
     return torch.nn.functional.pad(flat, (0, pad), value=fill).view(-1, group)
 
 
-def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: torch.Tensor | None = None):
+def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: torch.Tensor | None = None,
+             seed: torch.Tensor | None = None):
     """Quantize a 1-D tensor. Returns (codes uint8 [ng, group*bits//8], meta [ng, 2]).
 
-    ``noise``: uniform [0, 1) fp32 of shape [ng, group]; drawn with ``torch.rand`` when omitted.
+    ``noise``: uniform [0, 1) fp32 of shape [ng, group]. Without it, ``hash_noise(seed)`` when a ``seed`` is
+    given (what the compiled graphs use), else ``torch.rand``.
     """
     mdt = meta_dtype(flat.dtype)
     levels = (1 << bits) - 1
@@ -118,7 +120,8 @@ def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: t
     inv = torch.where(scale_q > 0, 1.0 / scale_q, torch.zeros_like(scale_q))
     xg = _groups(x, group, 0.0)
     if noise is None:
-        noise = torch.rand(xg.shape, dtype=torch.float32, device=flat.device)
+        noise = hash_noise(xg.shape, seed) if seed is not None else \
+            torch.rand(xg.shape, dtype=torch.float32, device=flat.device)
     q = torch.floor((xg - lo_q[:, None]) * inv[:, None] + noise).clamp(0, levels)
     # endpoint codes; halves keep b - a finite when the range overflows
     a, b, a2, b2 = lo[:, None], hi[:, None], a_s.float()[:, None] * 0.5, b_s.float()[:, None] * 0.5
@@ -130,6 +133,77 @@ def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: t
     codes = _pack(q.to(torch.int32), bits)
     meta = torch.stack([lo_s, scale_s], dim=1)
     return codes, meta
+
+
+# --------------------------------------------------------------------------------------------------
+# rounding noise: a counter-based hash of the element index, keyed by a per-tensor seed
+# --------------------------------------------------------------------------------------------------
+# Why a hash and not Inductor's RNG: ``inductor_random`` is realized as a buffer of its own (on the Triton
+# backend a kernel that only writes noise, read back by the pack), and it reads its seed as ``seeds[k]`` with
+# the tensor's index k compiled into the kernel, so identical layers stop sharing kernels. A hash of the
+# index is plain integer arithmetic that Inductor inlines into the kernel that uses it, and its key is a
+# one-element tensor of its own per quantized tensor (``actc::seeds``): a kernel argument, not a constant.
+_M32 = 0xFFFFFFFF
+# The 32-bit finalizer [16 21f0aaad 15 735a2d97 15] from Chris Wellons' hash-prospector, a bijection of
+# [0, 2^32). Both multipliers are < 2^31, so each product of a 32-bit value fits in int64 (no overflow).
+_MIX = ((16, 0x21F0AAAD), (15, 0x735A2D97))
+_FINAL_SHIFT = 15
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    for shift, mul in _MIX:
+        h = ((h ^ (h >> shift)) * mul) & _M32
+    return h ^ (h >> _FINAL_SHIFT)
+
+
+def hash_noise(shape, seed: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) fp32 of ``shape`` (the element at flat index i from i and the int64 ``seed``), 24 bits each.
+
+    u(i) = (H(H(i_lo ^ k1) ^ ((k2 + i_hi) mod 2^32)) >> 8) / 2^24, with H = ``_mix32``, (i_lo, i_hi) the
+    index's 32-bit halves, k1 the seed's low half and k2 = H(seed_hi ^ H(k1)). For one key the map is a
+    bijection of i_lo: no two elements of a tensor (below 2^32) share an input. Two keys' streams are then
+    permutations of each other (any keyed 32-bit bijection gives that); what the gradient's bias argument
+    needs is that the permutation has no structure, so that a product of two tensors' errors at related
+    positions averages to 0. With the key only XORed or added to the index (H(i + k)) it would be a shift; with
+    k2 taken straight from the seed, seeds that differ in k1 alone would pair i with i ^ (k1 ^ k1'), neighbours
+    for adjacent seeds. Mixing both halves into k2 makes every change of the seed reshuffle the pairing.
+    Unbiased rounding needs u uniform: tested by chi-square over bins and by the correlation of neighbours
+    and of tensors with adjacent seeds (tests/test_noise.py).
+    """
+    numel = math.prod(shape)
+    i = torch.arange(numel, dtype=torch.int64, device=seed.device).view(shape)
+    k1 = seed & _M32
+    k2 = _mix32(((seed >> 32) & _M32) ^ _mix32(k1))
+    h = _mix32(_mix32((i & _M32) ^ k1) ^ ((k2 + (i >> 32)) & _M32))
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+@torch.library.custom_op("actc::seeds", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def seeds(count: int, device: torch.device) -> list[torch.Tensor]:
+    """``count`` int64 seeds, each a 0-d tensor of its own (its own kernel argument), drawn from torch's
+    generator of ``device`` in one call, as Inductor draws its own seeds."""
+    drawn = torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, device=device)
+    out = [torch.empty((), dtype=torch.int64, device=device) for _ in range(count)]
+    torch._foreach_copy_(out, list(drawn.unbind()))
+    return out
+
+
+@seeds.register_fake
+def _(count, device):
+    return [torch.empty((), dtype=torch.int64, device=device) for _ in range(count)]
+
+
+def reference_hash_noise(seed: int, indices) -> torch.Tensor:
+    """``hash_noise`` at the given flat indices, in Python integers (tests only)."""
+    def mix(h):
+        for shift, mul in _MIX:
+            h = ((h ^ (h >> shift)) * mul) & _M32
+        return h ^ (h >> _FINAL_SHIFT)
+
+    k1 = seed & _M32
+    k2 = mix(((seed >> 32) & _M32) ^ mix(k1))
+    return torch.tensor([(mix(mix((i & _M32) ^ k1) ^ ((k2 + (i >> 32)) & _M32)) >> 8) * 2.0**-24
+                         for i in indices], dtype=torch.float32)
 
 
 def _toward_zero(v: torch.Tensor, mdt: torch.dtype) -> torch.Tensor:

@@ -8,20 +8,24 @@ Before (forward / backward, after Inductor's partitioner):
 
 After (2-bit codes for addmm, 1-bit pack for the bool mask gt, per-group (lo, scale) in bf16):
 
-    fw: addmm = aten.addmm(b, x, w_t)                bw(addmm_codes, addmm_meta, gt_bits, tangents_1):
-        <quantize(addmm): amin/amax, rand, floor,         addmm = <dequantize(addmm_codes, addmm_meta)>
-         shift-or packing, inlined aten ops>              gt = <unpack(gt_bits)>
+    fw: seeds = actc.seeds(1, cpu)                   bw(addmm_codes, addmm_meta, gt_bits, tangents_1):
+        addmm = aten.addmm(b, x, w_t)                     addmm = <dequantize(addmm_codes, addmm_meta)>
+        <quantize(addmm, seeds[0]): amin/amax, hash        gt = <unpack(gt_bits)>
+         noise, floor, shift-or packing, inlined aten ops>
         gelu = ...(addmm)                                 ... = aten.mul(addmm, ...)
         return (out, addmm_codes, addmm_meta, gt_bits)
 
 The forward outputs and the backward placeholders change together, position for position: saved tensors
 keep their relative order, new SymInts (sizes of dynamic dims the dequantize needs) go after the
-existing ones in both graphs. Every inserted node carries ``meta["val"]``; the quantizer's ``aten.rand``
-is turned into Inductor's seeded RNG, so results follow ``torch.manual_seed``.
+existing ones in both graphs. Every inserted node carries ``meta["val"]``. The rounding noise is a hash of
+the element index (kernels/quant.py), keyed by one seed per quantized tensor; ``actc::seeds`` draws them
+from torch's generator after the graph's own seeds (dropout's), so results follow ``torch.manual_seed``
+and the dropout masks are Inductor's.
 """
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +60,14 @@ def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], n
     sym_bw: dict = {compat.sym_expr(n.meta["val"]): bw_ph[n.name] for n in fw_syms if n.name in bw_ph}
     sym_anchor = bw_ph[fw_syms[-1].name] if fw_syms and fw_syms[-1].name in bw_ph else None
     new_syms: list[fx.Node] = []
-
     for d in decisions:
         if d.quantize_gm is None:
             trace_pair(d)
+    seed_of = _insert_seeds(fw, [d for d in decisions if d.saved.kind != "mask"])
+
+    for d in decisions:
         root, aliases = d.saved.node, d.saved.aliases
-        fw_parts = _insert_quantize(fw, root, d)
+        fw_parts = _insert_quantize(fw, root, d, seed_of.get(id(d)))
         # sizes the backward needs to rebuild a dynamic shape, shared across tensors
         dims = []
         for i, size in enumerate(root.meta["val"].shape):
@@ -113,7 +119,6 @@ def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], n
     out.args = (tuple(outputs),)
     renumber_saved_descs(out, num_fwd_outputs)
     fw.graph.eliminate_dead_code()
-    compat.replace_random(fw)
     for node in bw.graph.nodes:
         if node.op == "call_function":
             node.meta.setdefault("autograd_backward", True)
@@ -167,9 +172,9 @@ def trace_pair(d: Decision) -> None:
     shape = list(val.shape)
     sym_positions = [i for i, s in enumerate(shape) if not isinstance(s, int)]
 
-    def quantize(x):
+    def quantize(x, *seed):  # masks take no seed
         flat = quant.flatten_in_memory_order(x, perm)
-        return (quant.pack_mask(flat),) if kind == "mask" else quant.quantize(flat, d.bits, d.group)
+        return (quant.pack_mask(flat),) if kind == "mask" else quant.quantize(flat, d.bits, d.group, seed=seed[0])
 
     def dequantize(*args):
         n_parts = 1 if kind == "mask" else 2
@@ -184,7 +189,8 @@ def trace_pair(d: Decision) -> None:
             flat = quant.dequantize(tensors[0], tensors[1], d.bits, numel, dtype)
         return quant.restore_layout(flat, size, perm)
 
-    d.quantize_gm = compat.trace(quantize, val)
+    seed = [] if kind == "mask" else [compat.fake_like(val, (), torch.int64)]
+    d.quantize_gm = compat.trace(quantize, val, *seed)
     parts = [n.meta["val"] for n in d.quantize_gm.graph.find_nodes(op="output")[0].args[0]]
     d.dequantize_gm = compat.trace(dequantize, *parts, *[shape[i] for i in sym_positions])
     restored = d.dequantize_gm.graph.find_nodes(op="output")[0].args[0].meta["val"]
@@ -193,9 +199,29 @@ def trace_pair(d: Decision) -> None:
         raise ValueError(f"dequantize gives {tuple(restored.shape)}/{restored.stride()}, expected {tuple(val.shape)}/{val.stride()}")
 
 
-def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision) -> list[fx.Node]:
+def _insert_seeds(fw: fx.GraphModule, decisions: list[Decision]) -> dict[int, fx.Node]:
+    """One ``actc::seeds`` call per device, drawing right after the graph's own seeds: {id(decision): its seed}."""
+    by_device: dict[torch.device, list[Decision]] = {}
+    for d in decisions:
+        by_device.setdefault(d.saved.node.meta["val"].device, []).append(d)
+    seed_of = {}
+    for device, group in by_device.items():
+        anchor = compat.after_graph_seeds(fw)
+        with fw.graph.inserting_after(anchor):
+            call = fw.graph.call_function(torch.ops.actc.seeds.default, (len(group), device))
+        vals = [compat.fake_like(d.saved.node.meta["val"], (), torch.int64) for d in group]
+        call.meta["val"] = vals
+        anchor = call
+        for i, (d, val) in enumerate(zip(group, vals)):
+            with fw.graph.inserting_after(anchor):
+                anchor = seed_of[id(d)] = fw.graph.call_function(operator.getitem, (call, i))
+            anchor.meta["val"] = val
+    return seed_of
+
+
+def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision, seed: fx.Node | None) -> list[fx.Node]:
     suffixes = ["bits"] if d.saved.kind == "mask" else ["codes", "meta"]
-    parts = inline(fw.graph, root.next, d.quantize_gm, [root])
+    parts = inline(fw.graph, root.next, d.quantize_gm, [root] if seed is None else [root, seed])
     for part, suffix in zip(parts, suffixes):
         part.name = fw.graph._graph_namespace.create_name(f"{root.name}_{suffix}", None)
     return parts

@@ -52,23 +52,25 @@ def batch(padded: bool) -> dict:
     return inputs
 
 
-def grads(model: torch.nn.Module, backend: str, options: dict | None, inputs: dict) -> tuple[float, torch.Tensor]:
+def grads(model: torch.nn.Module, backend: str, options: dict | None, inputs: dict) -> tuple[float, torch.Tensor, list]:
+    """One forward and backward: the loss, the flattened grads, and actc's plans (read while the compiled
+    model is alive: a session lives as long as the graphs compiled with it)."""
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, options=options)
     torch.manual_seed(2)
     loss = compiled(**inputs).loss
     loss.backward()
-    return loss.item(), flat_grads(model)
+    plans = list(session_for(options).plans) if backend == "actc" else []
+    return loss.item(), flat_grads(model), plans
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "padded"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_no_nan_and_8bit_gradient_matches_inductor(family, padded):
     inputs = batch(padded)
-    ref_loss, ref = grads(make(family), "inductor", None, inputs)
+    ref_loss, ref, _ = grads(make(family), "inductor", None, inputs)
     options = {"memory_budget": "8bit", "min_bytes": 1024}  # tiny sizes: compress tensors from 1 KiB
-    loss, got = grads(make(family), "actc", options, inputs)
-    plans = session_for(options).plans
+    loss, got, plans = grads(make(family), "actc", options, inputs)
     assert any(t.kind == "quant" for p in plans for t in p.tensors), "nothing was compressed"
     assert torch.isfinite(ref).all()
     assert torch.isfinite(got).all(), f"{int((~torch.isfinite(got)).sum())} of {got.numel()} grads not finite"

@@ -47,7 +47,11 @@ def test_mlp_plan_bits_and_bytes():
     assert "addmm_codes" in plan.forward_code and "addmm_meta" in plan.forward_code
     bw_signature = plan.backward_code.split("def forward(")[1].split(")")[0]
     assert "addmm_codes" in bw_signature and " addmm," not in bw_signature + ","
-    assert "inductor_random" in plan.forward_code  # rounding noise comes from Inductor's seeded RNG
+    # rounding noise: one actc::seeds call (seeded from torch's generator), one seed per quantized tensor,
+    # hashed with the element index inside the quantizer (no aten.rand, no Inductor RNG of actc's own)
+    assert plan.forward_code.count("torch.ops.actc.seeds.default(") == 1
+    assert f"torch.ops.actc.seeds.default({len(quantized)}," in plan.forward_code
+    assert "inductor_random" not in plan.forward_code and "aten.rand" not in plan.forward_code
 
 
 def test_gelu_output_read_only_by_a_matmul_is_recomputed():
