@@ -159,22 +159,24 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
 def hash_noise(shape, seed: torch.Tensor) -> torch.Tensor:
     """U[0, 1) fp32 of ``shape`` (the element at flat index i from i and the int64 ``seed``), 24 bits each.
 
-    u(i) = (H(H(i_lo ^ k1) ^ ((k2 + i_hi) mod 2^32)) >> 8) / 2^24, with H = ``_mix32``, (i_lo, i_hi) the
-    index's 32-bit halves, k1 the seed's low half and k2 = H(seed_hi ^ H(k1)). For one key the map is a
-    bijection of i_lo: no two elements of a tensor (below 2^32) share an input. Two keys' streams are then
-    permutations of each other (any keyed 32-bit bijection gives that); what the gradient's bias argument
-    needs is that the permutation has no structure, so that a product of two tensors' errors at related
-    positions averages to 0. With the key only XORed or added to the index (H(i + k)) it would be a shift; with
-    k2 taken straight from the seed, seeds that differ in k1 alone would pair i with i ^ (k1 ^ k1'), neighbours
-    for adjacent seeds. Mixing both halves into k2 makes every change of the seed reshuffle the pairing.
-    Unbiased rounding needs u uniform: tested by chi-square over bins and by the correlation of neighbours
-    and of tensors with adjacent seeds (tests/test_noise.py).
+    u(i) = (H(H(i_lo ^ k1) ^ k2') >> 8) / 2^24, with H = ``_mix32``, (k1, k2) the seed's 32-bit halves,
+    (i_lo, i_hi) the index's and k2' = (k2 + i_hi) mod 2^32 (i_hi is 0 below 2^32 elements, and then left
+    out of the code). For one key the map is a bijection of i_lo: no two elements of a tensor share an
+    input. Two keys' streams are permutations of each other (any keyed 32-bit bijection gives that); the
+    gradient's bias argument needs a permutation without structure, so that a product of two tensors' errors
+    at related positions averages to 0. k2 enters between the rounds, so keys with different k2 pair
+    elements at unrelated positions (H(i + k) would pair them by a shift). Keys that share k2 would pair
+    i with i ^ (k1 ^ k1'): the seeds must be random 64-bit numbers, as ``actc::seeds`` draws them (a shared
+    k2 has probability 2^-32 per pair of tensors), not a counter. Unbiased rounding needs u uniform: tested
+    by chi-square over bins, by the correlation of neighbours and of tensors (tests/test_noise.py).
     """
     numel = math.prod(shape)
     i = torch.arange(numel, dtype=torch.int64, device=seed.device).view(shape)
-    k1 = seed & _M32
-    k2 = _mix32(((seed >> 32) & _M32) ^ _mix32(k1))
-    h = _mix32(_mix32((i & _M32) ^ k1) ^ ((k2 + (i >> 32)) & _M32))
+    k1, k2 = seed & _M32, (seed >> 32) & _M32
+    if not (isinstance(numel, int) and numel <= 1 << 32):  # fewer ops in every kernel that rounds
+        k2 = (k2 + (i >> 32)) & _M32
+        i = i & _M32
+    h = _mix32(_mix32(i ^ k1) ^ k2)
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
@@ -200,8 +202,7 @@ def reference_hash_noise(seed: int, indices) -> torch.Tensor:
             h = ((h ^ (h >> shift)) * mul) & _M32
         return h ^ (h >> _FINAL_SHIFT)
 
-    k1 = seed & _M32
-    k2 = mix(((seed >> 32) & _M32) ^ mix(k1))
+    k1, k2 = seed & _M32, (seed >> 32) & _M32
     return torch.tensor([(mix(mix((i & _M32) ^ k1) ^ ((k2 + (i >> 32)) & _M32)) >> 8) * 2.0**-24
                          for i in indices], dtype=torch.float32)
 
