@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from typing import Any
 
 import sympy
@@ -112,10 +111,6 @@ def after_graph_seeds(gm: fx.GraphModule) -> fx.Node:
         if node is not anchor.next:
             anchor.append(node)
         anchor = node
-    while anchor.next.op == "call_function" and anchor.next.target is torch.ops.actc.seeds.default:
-        anchor = anchor.next  # another device's seeds, drawn earlier in the same rewrite
-        while anchor.next.op == "call_function" and anchor.next.target is operator.getitem:
-            anchor = anchor.next
     return anchor
 
 

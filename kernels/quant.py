@@ -150,7 +150,7 @@ _MIX = ((16, 0x21F0AAAD), (15, 0x735A2D97))
 _FINAL_SHIFT = 15
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
+def _mix32(h):  # an int64 tensor or a Python int, in [0, 2^32)
     for shift, mul in _MIX:
         h = ((h ^ (h >> shift)) * mul) & _M32
     return h ^ (h >> _FINAL_SHIFT)
@@ -196,14 +196,9 @@ def _(count, device):
 
 
 def reference_hash_noise(seed: int, indices) -> torch.Tensor:
-    """``hash_noise`` at the given flat indices, in Python integers (tests only)."""
-    def mix(h):
-        for shift, mul in _MIX:
-            h = ((h ^ (h >> shift)) * mul) & _M32
-        return h ^ (h >> _FINAL_SHIFT)
-
+    """``hash_noise`` at the given flat indices, in Python integers (tests only; ``_mix32`` takes ints too)."""
     k1, k2 = seed & _M32, (seed >> 32) & _M32
-    return torch.tensor([(mix(mix((i & _M32) ^ k1) ^ ((k2 + (i >> 32)) & _M32)) >> 8) * 2.0**-24
+    return torch.tensor([(_mix32(_mix32((i & _M32) ^ k1) ^ ((k2 + (i >> 32)) & _M32)) >> 8) * 2.0**-24
                          for i in indices], dtype=torch.float32)
 
 

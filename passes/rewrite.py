@@ -205,8 +205,8 @@ def _insert_seeds(fw: fx.GraphModule, decisions: list[Decision]) -> dict[int, fx
     for d in decisions:
         by_device.setdefault(d.saved.node.meta["val"].device, []).append(d)
     seed_of = {}
-    for device, group in by_device.items():
-        anchor = compat.after_graph_seeds(fw)
+    anchor = compat.after_graph_seeds(fw)
+    for device, group in by_device.items():  # each device's call after the previous one's seeds
         with fw.graph.inserting_after(anchor):
             call = fw.graph.call_function(torch.ops.actc.seeds.default, (len(group), device))
         vals = [compat.fake_like(d.saved.node.meta["val"], (), torch.int64) for d in group]
