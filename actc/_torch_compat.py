@@ -121,6 +121,13 @@ def fake_like(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+def uses_triton(device: torch.device) -> bool:
+    """Whether Inductor generates Triton code for tensors on ``device`` (2.11, 2.13: ``cpu_backend`` is
+    "cpp" by default, and every GPU backend but Halide and Pallas is Triton)."""
+    backend = torch._inductor.config.cpu_backend if device.type == "cpu" else torch._inductor.config.cuda_backend
+    return backend == "triton"
+
+
 def has_symbolic_inputs(gm: fx.GraphModule, example_inputs) -> bool:
     """Does dynamo's graph take symbolic sizes (dynamic shapes)? 2.11, 2.13: meta["example_value"]."""
     for node in gm.graph.find_nodes(op="placeholder"):

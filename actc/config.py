@@ -110,7 +110,10 @@ class ActcConfig:
     keep_uncompressed: bool = True  # the allocator may leave a tensor uncompressed when the budget allows
     compress_masks: bool = True    # bool masks (ReLU, dropout) packed to exact 1-bit
     dump_dir: str | None = None    # write every graph's plan and rewritten graphs here
-    allocation: str = "adaptive"   # "adaptive": re-plan bits from sensitivities measured in the backward
+    allocation: str = "static"     # "adaptive" (opt-in): re-plan bits from sensitivities measured in the backward.
+    #                                Static by default: on every bench model and budget adaptive kept the static
+    #                                plan (docs/results.md), while its statistics add backward kernels, its
+    #                                cache salt stops warm starts, and each re-plan recompiles
     warmup_steps: int = 20         # adaptive: backward passes measured before the first re-plan
     replan_every: int = 100        # adaptive: backward passes between later re-plans (0: only the first)
     sensitivity: str = "relative"  # adaptive: "relative" (per-layer variance / |grad|², for Adam-family

@@ -7,8 +7,9 @@ A mode is plain data: a name mapped to a dict with
   recompute  torch._functorch.config.activation_memory_budget for the compile (Inductor's recompute budget)
   fp8        True: PyTorch's fp8 activation pass (post_grad_fusion_options["activation_quantization_aten_pass"])
 Adding a row is one line in MODES, e.g. "actc 2bit static" below. Rows without an "allocation" option get
-actc's default allocation (at the time of writing "adaptive": bits re-planned from measured sensitivities
-after warmup_steps backward passes and every replan_every after that, the changed graphs recompiling).
+actc's default allocation, "static" (one plan, never re-planned). The adaptive rows name it: bits
+re-planned from measured sensitivities after warmup_steps backward passes and every replan_every after that,
+the changed graphs recompiling.
 """
 from __future__ import annotations
 
@@ -49,21 +50,25 @@ MODES: dict[str, dict[str, Any]] = {
     "actc 4bit only": dict(backend="actc", options={"memory_budget": "4bit", "bits": [4], "allocation": "static"}),
     "actc 2bit only": dict(backend="actc", options={"memory_budget": "2bit", "bits": [2], "allocation": "static"}),
     "actc 1bit only": dict(backend="actc", options={"memory_budget": "1bit", "bits": [1], "allocation": "static"}),
-    # actc's default allocation is "adaptive" (re-plans from measured sensitivities); "static" never re-plans
+    # actc's default allocation is "static" (never re-plans); "adaptive" re-plans from measured sensitivities
     "actc 2bit static": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static"}),
+    "actc 2bit adaptive": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive"}),
     "actc 2bit static + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static"},
                                              recompute=0.3),
     "actc 2bit adaptive once": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
                                                              "replan_every": 0}),  # one re-plan, then fixed
     # measures every step like adaptive, never re-plans: static's plan plus the statistics (what measuring costs)
-    "actc 2bit static + measuring": dict(backend="actc", options={"memory_budget": "2bit", "warmup_steps": NEVER}),
+    "actc 2bit static + measuring": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
+                                                                  "warmup_steps": NEVER}),
     # the adaptive weights: "relative" (the default: per-layer variance over |grad|²) or "absolute" (summed)
-    "actc 2bit absolute": dict(backend="actc", options={"memory_budget": "2bit", "sensitivity": "absolute"}),
-    "actc 2bit absolute once": dict(backend="actc", options={"memory_budget": "2bit", "sensitivity": "absolute",
-                                                             "replan_every": 0}),
-    "actc 1.5bit absolute once": dict(backend="actc", options={"memory_budget": "1.5bit", "sensitivity": "absolute",
-                                                               "replan_every": 0}),
+    "actc 2bit absolute": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
+                                                        "sensitivity": "absolute"}),
+    "actc 2bit absolute once": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
+                                                             "sensitivity": "absolute", "replan_every": 0}),
+    "actc 1.5bit absolute once": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "adaptive",
+                                                               "sensitivity": "absolute", "replan_every": 0}),
     "actc 1.5bit": dict(backend="actc", options={"memory_budget": "1.5bit"}),
+    "actc 1.5bit adaptive": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "adaptive"}),
     "actc 1.5bit static": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "static"}),
     "actc 1.5bit adaptive once": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "adaptive",
                                                                "replan_every": 0}),

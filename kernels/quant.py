@@ -90,11 +90,12 @@ def _groups(flat: torch.Tensor, group: int, fill: float) -> torch.Tensor:
 
 
 def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: torch.Tensor | None = None,
-             seed: torch.Tensor | None = None):
+             seed: torch.Tensor | None = None, pack_in_group: bool = False):
     """Quantize a 1-D tensor. Returns (codes uint8 [ng, group*bits//8], meta [ng, 2]).
 
     ``noise``: uniform [0, 1) fp32 of shape [ng, group]. Without it, ``hash_noise(seed)`` when a ``seed`` is
-    given (what the compiled graphs use), else ``torch.rand``.
+    given (what the compiled graphs use), else ``torch.rand``. ``pack_in_group``: pack with
+    ``_pack_in_group`` (the same bytes; what Inductor's Triton backend fuses, see there).
     """
     mdt = meta_dtype(flat.dtype)
     levels = (1 << bits) - 1
@@ -130,7 +131,7 @@ def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: t
     upper = torch.where(finite, torch.floor(p + noise) >= 1,
                         (xg != a) & ((xg == b) | (xg != xg) | torch.isfinite(b)))
     q = torch.where(special[:, None], torch.where(upper, float(levels), 0.0), q)
-    codes = _pack(q.to(torch.int32), bits)
+    codes = _pack_in_group(q, bits) if pack_in_group else _pack(q.to(torch.int32), bits)
     meta = torch.stack([lo_s, scale_s], dim=1)
     return codes, meta
 
@@ -241,6 +242,34 @@ def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
     q = q.view(q.shape[0], -1, per)
     return (q << shifts).sum(dim=-1).to(torch.uint8)
+
+
+_WORD = {8: torch.int8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def _pack_in_group(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """``_pack``'s bytes, as sums over the group: what Inductor's Triton backend computes in the kernel of
+    the per-group min/max, so the codes are never written to memory unpacked.
+
+    Why: a Triton kernel covers one iteration space. ``_pack`` is a reduction over 8 // bits codes,
+    [ng * G*bits/8] x [8/bits], which cannot share a kernel with the min/max's [ng] x [G], so the codes went
+    to memory in fp32 on their way to a pack kernel of their own. Here word w of a group (64 bits, or the
+    group's G * bits when that is less) is a sum over the whole group of the codes that fall in it, shifted
+    into place: sum_k [k // per == w] * (q_k << bits * (k % per)), per = 64 // bits codes a word. It lives
+    in [ng] x [G], as the min/max does, so the scheduler puts both in one kernel, and Inductor writes
+    each word straight into its slot of the stacked result. The shifted codes of a word own disjoint bits,
+    so the sum is an OR and never carries (the top code sets bit 63 of an int64: still no overflow, since
+    no other term has it). Little-endian words viewed as bytes are ``_pack``'s layout. Cost: G * bits / 64
+    reductions over the group (4 at 2 bits, G = 128) of register-resident values.
+    """
+    if bits == 8:
+        return q.to(torch.uint8)
+    word_bits = min(64, q.shape[1] * bits)
+    per = word_bits // bits
+    k = torch.arange(q.shape[1], device=q.device)
+    shifted = q.to(torch.int64) << ((k % per) * bits)
+    words = [torch.where(k // per == w, shifted, 0).sum(1).to(_WORD[word_bits]) for w in range(q.shape[1] // per)]
+    return torch.stack(words, 1).view(torch.uint8)
 
 
 def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -174,7 +174,9 @@ def trace_pair(d: Decision) -> None:
 
     def quantize(x, *seed):  # masks take no seed
         flat = quant.flatten_in_memory_order(x, perm)
-        return (quant.pack_mask(flat),) if kind == "mask" else quant.quantize(flat, d.bits, d.group, seed=seed[0])
+        if kind == "mask":
+            return (quant.pack_mask(flat),)
+        return quant.quantize(flat, d.bits, d.group, seed=seed[0], pack_in_group=compat.uses_triton(val.device))
 
     def dequantize(*args):
         n_parts = 1 if kind == "mask" else 2

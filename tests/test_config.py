@@ -66,3 +66,13 @@ def test_config_is_frozen_and_hashable():
         config.group_size = 32
     assert hash(config) == hash(ActcConfig.from_options({"bits": (2, 8), "group_size": 64}, env={}))
     assert ActcConfig.from_options(None, env={}).memory_budget == AverageBits(2.0)
+
+
+def test_the_defaults_in_one_place():
+    """What almost every user gets: 2 bits on average, static allocation (adaptive is opt-in: every re-plan on
+    the benches kept the static plan, docs/results.md), groups of 128, masks exact."""
+    config = ActcConfig.from_options({}, env={})
+    assert config == ActcConfig(memory_budget=AverageBits(2.0), group_size=128, bits=(1, 2, 4, 8), min_bytes=16384,
+                                keep_uncompressed=True, compress_masks=True, dump_dir=None, allocation="static",
+                                warmup_steps=20, replan_every=100, sensitivity="relative")
+    assert config.summary() == "budget=2bit group=128 bits=[1, 2, 4, 8] min_bytes=16384 allocation=static"

@@ -158,13 +158,15 @@ def test_uuid_covers_options_and_session_state():
     def uuid(**options):
         return ActcPartitioner(Session(ActcConfig.from_options(options, env={}))).uuid()
 
-    # static allocation under a scale-free budget: a graph's plan depends only on the options and the code
+    # static allocation (the default) under a scale-free budget: a graph's plan depends only on the options and
+    # the code, so a rerun of the same script hits the cache
+    assert uuid(memory_budget="2bit") == uuid(memory_budget="2bit")
     assert uuid(memory_budget="2bit", allocation="static") == uuid(memory_budget="2bit", allocation="static")
     assert uuid(memory_budget="2bit", allocation="static") != uuid(memory_budget="4bit", allocation="static")
     # an absolute budget is shared with the session's other graphs, and adaptive graphs feed the session's
     # statistics: a cached artifact from another session must never be served
     assert uuid(memory_budget="1MB", allocation="static") != uuid(memory_budget="1MB", allocation="static")
-    assert uuid(memory_budget="2bit") != uuid(memory_budget="2bit")
+    assert uuid(memory_budget="2bit", allocation="adaptive") != uuid(memory_budget="2bit", allocation="adaptive")
 
 
 def test_internal_error_falls_back_and_training_continues(monkeypatch, caplog):

@@ -28,6 +28,25 @@ def test_matches_reference_exactly(dtype, bits, numel):
     assert ((out.float() - x.float()).abs() <= step * 1.0001 + slack).all()
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("group", [8, 16, 128, 1024])  # words of 8, 16, 32 and 64 bits
+def test_pack_in_group_is_the_same_bytes(bits, group):
+    """The Triton path's pack (sums over the group) against the reference, bit for bit, the top code of an
+    int64 word (bit 63) included; compiled by Inductor (C++) too at the default group (seconds a compile)."""
+    g = torch.Generator().manual_seed(bits * 1000 + group)
+    x = torch.randn(group * 3 + 5, generator=g) * 3
+    x[:group] = torch.linspace(-1, 1, group)  # every code, at every position of a word
+    noise = torch.rand(quant.num_groups(x.numel(), group), group, generator=g)
+    ref_codes, ref_meta = quant.reference_quantize(x, bits, group, noise)
+    results = [quant.quantize(x, bits, group, noise, pack_in_group=True)]
+    if group == quant.DEFAULT_GROUP:
+        torch._dynamo.reset()
+        results.append(torch.compile(lambda x, n: quant.quantize(x, bits, group, n, pack_in_group=True),
+                                     backend="inductor")(x, noise))
+    for codes, meta in results:
+        assert torch.equal(codes, ref_codes) and torch.equal(meta, ref_meta)
+
+
 def test_meta_bounds_contain_the_group():
     # lo is rounded down and scale up when stored in bf16, so no code ever saturates unfairly
     x = torch.linspace(-1000.123, 1000.456, 1024)
