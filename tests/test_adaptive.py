@@ -10,6 +10,7 @@ from actc.backend import CompiledGraph, session_for
 from actc.kernels import quant
 
 SMALL = 1024  # min_bytes: every activation of these toy models is a candidate
+BASE = {"min_bytes": SMALL, "allocation": "adaptive"}  # what every test here starts from
 
 
 def _session(options: dict):
@@ -57,7 +58,7 @@ def test_statistic_matches_a_direct_computation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 4))
     x = torch.randn(64, 32)
-    options = {"memory_budget": "2bit", "min_bytes": SMALL, "allocation": "adaptive", "warmup_steps": 1000}
+    options = {**BASE, "memory_budget": "2bit", "warmup_steps": 1000}
     compiled = torch.compile(model, backend="actc", options=options)
     compiled(x).square().mean().backward()
     (region,) = _session(options).regions.values()
@@ -88,7 +89,7 @@ def test_replan_gives_the_sensitive_branch_more_bits():
     takes a re-plan that moves both tensors, and one recompile."""
     for scaled in (0, 1):
         torch._dynamo.reset()
-        options = {"memory_budget": "3bit", "min_bytes": SMALL, "allocation": "adaptive", "warmup_steps": 3, "replan_every": 0,
+        options = {**BASE, "memory_budget": "3bit", "warmup_steps": 3, "replan_every": 0,
                    "sensitivity": "absolute"}
         session = _train(Branches(scale=(100.0, 1.0) if scaled == 0 else (1.0, 100.0)), options, steps=5)
         region, tensors = _quantized(session)
@@ -100,7 +101,8 @@ def test_replan_gives_the_sensitive_branch_more_bits():
         (replan,) = session.replans
         assert replan["accepted"] == (scaled == 1) and region.version == (scaled == 1)
         if scaled == 1:
-            assert {(c["tensor"], c["bits_before"], c["bits_after"]) for c in replan["changed"]} == {(a, 4, 2), (b, 2, 4)}
+            changed = {(c["tensor"], c["bits_before"], c["bits_after"]) for c in replan["changed"]}
+            assert changed == {(a, 4, 2), (b, 2, 4)}
 
 
 @pytest.mark.slow  # 40-80 s on 2 cores; the quick command skips it
@@ -110,7 +112,7 @@ def test_relative_weights_follow_the_noise_relative_to_the_gradient():
     plan stays. An offset of 10 on branch a's ReLU output leaves its ranges, so its noise, as they are and
     makes its weight gradient far larger: the re-plan moves the 4 bits to b. Absolute weights are equal there
     (the same output gradient and ranges), so under them the plan stays."""
-    options = {"memory_budget": "3bit", "min_bytes": SMALL, "allocation": "adaptive", "warmup_steps": 3, "replan_every": 0}
+    options = {**BASE, "memory_budget": "3bit", "warmup_steps": 3, "replan_every": 0}
     session = _train(Branches(scale=(1.0, 100.0)), options, steps=5)
     region, tensors = _quantized(session)
     weights = {c.id: c.weight for c in session.measured()[region.key]}
@@ -126,7 +128,7 @@ def test_relative_weights_follow_the_noise_relative_to_the_gradient():
 
 def test_budget_holds_after_a_replan():
     budget = 40_000
-    options = {"memory_budget": budget, "min_bytes": SMALL, "allocation": "adaptive", "warmup_steps": 3, "replan_every": 0}
+    options = {**BASE, "memory_budget": budget, "warmup_steps": 3, "replan_every": 0}
     session = _train(Branches(scale=(1.0, 100.0)), options, steps=5)
     (region,) = session.regions.values()
     assert session.replans and region.plan.bytes_after <= budget
@@ -142,7 +144,7 @@ def test_no_recompile_loop_over_200_steps(monkeypatch):
         return real(self)
 
     monkeypatch.setattr(CompiledGraph, "_compile", counting)
-    options = {"memory_budget": "3bit", "min_bytes": SMALL, "allocation": "adaptive", "warmup_steps": 5, "replan_every": 10}
+    options = {**BASE, "memory_budget": "3bit", "warmup_steps": 5, "replan_every": 10}
     session = _train(Branches(scale=(1.0, 100.0)), options, steps=200, batch=16)
     assert len(session.replans) == 20  # steps 5, 15, ..., 195
     # the first re-plan moves bits once; later ones see the same sensitivities and keep the plan (hysteresis)
@@ -151,11 +153,12 @@ def test_no_recompile_loop_over_200_steps(monkeypatch):
 
 
 def test_static_allocation_measures_nothing():
-    options = {"memory_budget": "3bit", "min_bytes": SMALL, "allocation": "static", "warmup_steps": 1}
+    options = {**BASE, "memory_budget": "3bit", "allocation": "static", "warmup_steps": 1}
     session = _train(Branches(scale=(1.0, 100.0)), options, steps=3)
     (region,) = session.regions.values()
     assert "actc.observe" not in region.plan.backward_code and region.observed == 0 and not session.replans
-    assert "actc.observe" in _train(Branches(scale=(1.0, 100.0)), {**options, "allocation": "adaptive"}, 1).plans[0].backward_code
+    adaptive = _train(Branches(scale=(1.0, 100.0)), {**options, "allocation": "adaptive"}, 1)
+    assert "actc.observe" in adaptive.plans[0].backward_code
 
 
 def test_unmeasured_rows_take_the_largest_measured_factor():
@@ -165,7 +168,8 @@ def test_unmeasured_rows_take_the_largest_measured_factor():
     from actc.passes import allocate as alloc
     from actc.session import Session
 
-    session = Session(ActcConfig.from_options({"memory_budget": "2bit", "allocation": "adaptive", "sensitivity": "absolute"}, env={}))
+    options = {"memory_budget": "2bit", "allocation": "adaptive", "sensitivity": "absolute"}
+    session = Session(ActcConfig.from_options(options, env={}))
     names = ["full_1", "full_3", "fallback", "partial"]
     cands = [alloc.Candidate(n, {2: 10, 32: 100}, 1.0) for n in names]
     region = session.region("g0", cands, fixed=0, activation=400, replannable=True)
@@ -183,7 +187,8 @@ def test_replans_move_only_fully_measured_tensors():
     from actc.passes import allocate as alloc
     from actc.session import Session
 
-    session = Session(ActcConfig.from_options({"memory_budget": "2bit", "allocation": "adaptive", "sensitivity": "absolute"}, env={}))
+    options = {"memory_budget": "2bit", "allocation": "adaptive", "sensitivity": "absolute"}
+    session = Session(ActcConfig.from_options(options, env={}))
     names = ["sensitive", "plain", "fallback", "partial"]
     cands = [alloc.Candidate(n, {1: 5, 2: 10, 4: 20, 32: 100}, 1.0) for n in names]
     region = session.region("g0", cands, fixed=0, activation=400, replannable=True)
@@ -233,7 +238,7 @@ def test_broadcast_rows_count_every_copy():
     for batch in (4, 8):
         torch._dynamo.reset()
         torch.manual_seed(0)
-        options = {"memory_budget": "2bit", "min_bytes": SMALL, "allocation": "adaptive", "warmup_steps": 1000}
+        options = {**BASE, "memory_budget": "2bit", "warmup_steps": 1000}
         compiled = torch.compile(LM(), backend="actc", options=options)
         compiled(torch.randint(0, 64, (batch, 32), generator=torch.Generator().manual_seed(1))).backward()
         (region,) = _session(options).regions.values()

@@ -7,7 +7,8 @@ torch names, all of them in this file:
 - ``torch.utils._triton.triton_backend`` / ``triton_hash_with_backend``: without a GPU they raise
   "0 active drivers" during code generation; they return None / a constant instead;
 - ``torch._inductor.runtime.triton_helpers.libdevice``: the interpreter has no libdevice (erf, floor, ...);
-  ``triton.language.math`` has the same functions under the same names;
+  ``triton.language.math`` has the same functions under the same names, except ``signbit``, which it lacks:
+  ``_signbit`` below, a triton.jit function at module level, stands in for it;
 - ``CachingAutotuner.run`` (only with ``execute=False``): code is generated and no kernel runs. The outputs
   are then garbage, but counting kernels at useful sizes takes seconds, where the interpreter takes
   minutes. Integer tensors a kernel touches are zeroed, so that the fallback ops that index with them
