@@ -107,11 +107,16 @@ def after_graph_seeds(gm: fx.GraphModule) -> fx.Node:
     change. It is moved to the top (it takes only constants), and the anchor is the last of them (or the last
     placeholder)."""
     anchor = gm.graph.find_nodes(op="placeholder")[-1]
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.prims.inductor_seeds.default):
+    for node in graph_seeds(gm):
         if node is not anchor.next:
             anchor.append(node)
         anchor = node
     return anchor
+
+
+def graph_seeds(gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's own seed draws (``prims.inductor_seeds``, 2.11 and 2.13), in graph order."""
+    return list(gm.graph.find_nodes(op="call_function", target=torch.ops.prims.inductor_seeds.default))
 
 
 def fake_like(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -147,3 +152,34 @@ def register_torch_log(name: str) -> None:
         return
     if not log_registry.is_log(name):
         register_log(name, name)
+
+
+# 2.11, 2.13: Inductor's recompute budget (torch._functorch.config.activation_memory_budget), read by the
+# stock partitioner when it runs, so a patch around compile_fx applies to that compile alone.
+def inductor_recompute_budget() -> float:
+    return float(torch._functorch.config.activation_memory_budget)
+
+
+def recompute_budget(value: float):
+    return torch._functorch.config.patch(activation_memory_budget=value)
+
+
+def keep_random_saved(joint: fx.GraphModule) -> list[fx.Node]:
+    """Tag the joint graph's random draws MUST_SAVE, so that the partitioner never recomputes them.
+
+    2.13 (checked by hand): under a recompute budget below 1, ``choose_saved_values_set`` lets its knapsack
+    un-ban every banned node, random ones included, and a budget of 0 recomputes everything from the inputs.
+    On CPU, where RNG ops are not functionalized, the backward then draws ``prims.inductor_seeds`` again and
+    recomputes dropout with another mask than the forward's: a wrong gradient (cosine 0.90 on a dropout MLP,
+    bench/probe_recompute_dropout.py). MUST_SAVE nodes are kept out of that knapsack; the seed tensor they
+    save is a few int64s, and the draws that depend on it (``inductor_random``) replay exactly. Nodes that
+    already carry a policy (torch.utils.checkpoint's tags) keep it. Returns the nodes tagged."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    tagged = []
+    for node in joint.graph.nodes:
+        tags = getattr(node.target, "tags", ()) if node.op == "call_function" else ()
+        if torch.Tag.nondeterministic_seeded in tags and node.meta.get("recompute") is None:
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            tagged.append(node)
+    return tagged

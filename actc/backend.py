@@ -50,8 +50,9 @@ class CompiledGraph:
     def _compile(self):
         from actc.passes.partition import ActcPartitioner
 
-        return compat.compile_fx(self.gm, self.example_inputs,
-                                 config_patches={**self.patches, "custom_partitioner_fn": ActcPartitioner(self.session, self)})
+        patches = {**self.patches, "custom_partitioner_fn": ActcPartitioner(self.session, self)}
+        with compat.recompute_budget(self.session.config.recompute_budget(compat.inductor_recompute_budget())):
+            return compat.compile_fx(self.gm, self.example_inputs, config_patches=patches)
 
     def __call__(self, *args):
         self.session.maybe_replan()

@@ -23,6 +23,8 @@ ALLOCATIONS = ("adaptive", "static")
 SENSITIVITIES = ("relative", "absolute")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+RECOMPUTE_ON = 0.3  # what recompute=True means: Inductor's activation_memory_budget of the benches
+RECOMPUTE_DEFAULT = 1.0  # recompute when the option is not given (and torch's own budget is left at 1.0)
 MIN_BUDGET_BYTES = 1024  # an absolute budget below 1 KiB is almost surely a slip for '1bit' or 1.0
 BUDGET_FORMS = "average bits like '2bit' (1 to 8), a fraction of the saved bytes like 0.1 (0 < f <= 1), " \
                "or absolute bytes like '512MB', '1.5GiB' or an int"
@@ -110,6 +112,11 @@ class ActcConfig:
     keep_uncompressed: bool = True  # the allocator may leave a tensor uncompressed when the budget allows
     compress_masks: bool = True    # bool masks (ReLU, dropout) packed to exact 1-bit
     dump_dir: str | None = None    # write every graph's plan and rewritten graphs here
+    recompute: float | None = None  # Inductor's recompute budget for actc's graphs (activation_memory_budget,
+    #                                0 < f <= 1; 1.0 recomputes only what Inductor always does). None: the
+    #                                value set in torch._functorch.config if it is not 1.0, else
+    #                                RECOMPUTE_DEFAULT. What the partitioner recomputes is not saved, and the
+    #                                memory budget's share for it goes to the tensors that are (more bits)
     allocation: str = "static"     # "adaptive" (opt-in): re-plan bits from sensitivities measured in the backward.
     #                                Static by default: on every bench model and budget adaptive kept the static
     #                                plan (docs/results.md), while its statistics add backward kernels, its
@@ -137,9 +144,16 @@ class ActcConfig:
         kwargs = {k: _check(k, v) for k, v in options.items()}
         return cls(**kwargs)
 
+    def recompute_budget(self, torch_value: float) -> float:
+        """The recompute budget actc's graphs compile under, given torch's own ``activation_memory_budget``."""
+        if self.recompute is not None:
+            return self.recompute
+        return torch_value if torch_value != 1.0 else RECOMPUTE_DEFAULT
+
     def summary(self) -> str:
         return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "
                 f"min_bytes={self.min_bytes} allocation={self.allocation}"
+                + (f" recompute={self.recompute:g}" if self.recompute is not None else "")
                 + (f" sensitivity={self.sensitivity}" if self.allocation == "adaptive" else ""))
 
 
@@ -178,6 +192,14 @@ def _check(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < (key == "warmup_steps"):
             raise bad("an int >= 1 (backward passes)" if key == "warmup_steps" else "an int >= 0 (0: never again)")
         return value
+    if key == "recompute":
+        if value is None or isinstance(value, bool):
+            return None if value is None else RECOMPUTE_ON if value else 1.0
+        if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise bad(f"a fraction 0 < f <= 1 of what Inductor would save (Inductor's activation_memory_budget; "
+                      f"1.0: off), True ({RECOMPUTE_ON}), False (1.0) or None (torch's setting, "
+                      f"else {RECOMPUTE_DEFAULT})")
+        return float(value)
     if key == "dump_dir":
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise bad("a directory path or None")

@@ -44,11 +44,11 @@ class GraphPlan:
         return sum(t.bytes_after for t in self.tensors if t.activation)
 
     def totals(self) -> str:
-        ratio = self.bytes_before / max(self.bytes_after, 1)
+        ratio = f"{self.bytes_before / self.bytes_after:.1f}x less" if self.bytes_after else "nothing saved"
         compressed = sum(t.kind in ("quant", "mask") for t in self.tensors)
         activations = sum(t.activation for t in self.tensors)
         return (f"actc graph {self.graph}: {compressed}/{activations} saved activations compressed, "
-                f"{mib(self.bytes_before)} -> {mib(self.bytes_after)} MiB ({ratio:.1f}x less), budget {self.budget}"
+                f"{mib(self.bytes_before)} -> {mib(self.bytes_after)} MiB ({ratio}), budget {self.budget}"
                 + ("" if self.feasible else " (infeasible: tightest plan used)")
                 + (f" [fell back: {self.error}]" if self.error else ""))
 

@@ -54,6 +54,7 @@ class Region:
     fixed: int                          # bytes of activations that stay as they are (or masks)
     activation: int                     # uncompressed bytes of what Inductor would save
     replannable: bool = True            # static shapes: can be recompiled with other bits
+    credit: int = 0                     # average-bits budget bytes of what Inductor recomputes instead of saving
     bits: dict[str, int] = field(default_factory=dict)      # what the compiled code uses
     forced: dict[str, int] | None = None                    # bits for the next compile, after a re-plan
     version: int = 0                    # bumped by every re-plan that changes this region's bits
@@ -99,13 +100,15 @@ class Session:
     def plans(self) -> list[GraphPlan]:
         return [r.plan for r in self.regions.values() if r.plan is not None]
 
-    def region(self, key: str, candidates, fixed: int, activation: int, replannable: bool) -> Region:
+    def region(self, key: str, candidates, fixed: int, activation: int, replannable: bool, credit: int = 0) -> Region:
         with self._lock:
             region = self.regions.get(key)
             if region is None:
-                region = self.regions[key] = Region(key, len(self.regions), candidates, fixed, activation, replannable)
+                region = self.regions[key] = Region(key, len(self.regions), candidates, fixed, activation, replannable,
+                                                    credit=credit)
             else:  # a recompile of the same graph: same candidates, the plan it already has
                 region.candidates, region.fixed, region.activation = candidates, fixed, activation
+                region.credit = credit
                 region.replannable = region.replannable and replannable
             return region
 
@@ -113,7 +116,8 @@ class Session:
         """Bytes this region's candidates may use, given what the other regions hold now."""
         budget = self.config.memory_budget
         if isinstance(budget, AverageBits):
-            return alloc.budget_for_average_bits(region.candidates, budget.bits) if region.candidates else 0
+            return (alloc.budget_for_average_bits(region.candidates, budget.bits) if region.candidates else 0) \
+                + region.credit
         if isinstance(budget, Fraction):
             return int(budget.fraction * region.activation) - region.fixed
         others = sum(r.bytes_at(r.planned) for r in self.regions.values() if r is not region and r.planned)
@@ -142,7 +146,8 @@ class Session:
     def total_budget(self) -> int:
         budget, regions = self.config.memory_budget, list(self.regions.values())
         if isinstance(budget, AverageBits):
-            return sum(alloc.budget_for_average_bits(r.candidates, budget.bits) for r in regions if r.candidates)
+            return sum((alloc.budget_for_average_bits(r.candidates, budget.bits) if r.candidates else 0) + r.credit
+                       for r in regions)
         if isinstance(budget, Fraction):
             return int(budget.fraction * sum(r.activation for r in regions)) - sum(r.fixed for r in regions)
         return budget.nbytes - sum(r.fixed for r in regions)

@@ -4,7 +4,8 @@ Fashion-MNIST / enwiki loaders, and CSV / PNG writing. Not a script; the three s
 A mode is plain data: a name mapped to a dict with
   backend    None (plain eager, no torch.compile), "inductor" or "actc"
   options    the dict handed to torch.compile(options=...) (actc's options), or absent
-  recompute  torch._functorch.config.activation_memory_budget for the compile (Inductor's recompute budget)
+  recompute  torch._functorch.config.activation_memory_budget for the compile (Inductor's recompute budget;
+             actc rows pass actc's own "recompute" option instead, which keeps dropout's draws saved)
   fp8        True: PyTorch's fp8 activation pass (post_grad_fusion_options["activation_quantization_aten_pass"])
 Adding a row is one line in MODES, e.g. "actc 2bit static" below. Rows without an "allocation" option get
 actc's default allocation, "static" (one plan, never re-planned). The adaptive rows name it: bits
@@ -44,7 +45,8 @@ MODES: dict[str, dict[str, Any]] = {
     "actc 4bit": dict(backend="actc", options={"memory_budget": "4bit"}),
     "actc 2bit": dict(backend="actc", options={"memory_budget": "2bit"}),
     "actc 0.1": dict(backend="actc", options={"memory_budget": 0.1}),
-    "actc 2bit + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit"}, recompute=0.3),
+    # actc's recompute option: Inductor's recompute budget with random draws saved (dropout masks replay)
+    "actc 2bit + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit", "recompute": 0.3}),
     # one width for every compressed tensor (the allocator has a single choice, so nothing to re-plan)
     "actc 8bit only": dict(backend="actc", options={"memory_budget": "8bit", "bits": [8], "allocation": "static"}),
     "actc 4bit only": dict(backend="actc", options={"memory_budget": "4bit", "bits": [4], "allocation": "static"}),
@@ -53,8 +55,8 @@ MODES: dict[str, dict[str, Any]] = {
     # actc's default allocation is "static" (never re-plans); "adaptive" re-plans from measured sensitivities
     "actc 2bit static": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static"}),
     "actc 2bit adaptive": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive"}),
-    "actc 2bit static + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static"},
-                                             recompute=0.3),
+    "actc 2bit static + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "static",
+                                                                      "recompute": 0.3}),
     "actc 2bit adaptive once": dict(backend="actc", options={"memory_budget": "2bit", "allocation": "adaptive",
                                                              "replan_every": 0}),  # one re-plan, then fixed
     # measures every step like adaptive, never re-plans: static's plan plus the statistics (what measuring costs)

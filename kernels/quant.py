@@ -182,9 +182,14 @@ def hash_noise(shape, seed: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("actc::seeds", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def seeds(count: int, device: torch.device) -> list[torch.Tensor]:
+def seeds(count: int, device: torch.device, after: list[torch.Tensor]) -> list[torch.Tensor]:
     """``count`` int64 seeds, each a 0-d tensor of its own (its own kernel argument), drawn from torch's
-    generator of ``device`` in one call, as Inductor draws its own seeds."""
+    generator of ``device`` in one call, as Inductor draws its own seeds.
+
+    ``after`` is read by nobody: it holds the graph's own seeds (``prims.inductor_seeds``), so that this
+    draw depends on theirs. The order of the two calls in the FX graph is not enough: Inductor's scheduler
+    may emit two independent calls in either order, and a draw of actc's first would shift every dropout
+    mask of the step (the forward then differs from Inductor's)."""
     drawn = torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, device=device)
     out = [torch.empty((), dtype=torch.int64, device=device) for _ in range(count)]
     torch._foreach_copy_(out, list(drawn.unbind()))
@@ -192,7 +197,7 @@ def seeds(count: int, device: torch.device) -> list[torch.Tensor]:
 
 
 @seeds.register_fake
-def _(count, device):
+def _(count, device, after):
     return [torch.empty((), dtype=torch.int64, device=device) for _ in range(count)]
 
 

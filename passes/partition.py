@@ -1,8 +1,10 @@
 """The custom partitioner: Inductor's min-cut partition, then compression of what it saves.
 
-    joint graph ─ min_cut_rematerialization_partition ─▶ (fw, bw)        stock; applies activation_memory_budget
-                └ recompute_from_saved ─▶ find_candidates ─▶ hoist_comparisons ─▶ allocate (bits under the session's budget)
-                  ─▶ rewrite(fw, bw) ─▶ insert_statistics(bw) (adaptive) ─▶ (fw', bw')
+    joint graph ─ keep_random_saved ─ min_cut_rematerialization_partition ─▶ (fw, bw)   stock; applies
+                │                                                                      the recompute budget
+                └ recomputed_by_inductor ─▶ recompute_from_saved ─▶ find_candidates ─▶ hoist_comparisons
+                  ─▶ allocate (bits under the session's budget) ─▶ rewrite(fw, bw)
+                  ─▶ insert_statistics(bw) (adaptive) ─▶ (fw', bw')
 
 If anything in actc fails, the stock partition is returned and the error is logged once: training
 never stops because of actc.
@@ -21,10 +23,12 @@ import torch
 import torch.fx as fx
 
 from actc import _torch_compat as compat
+from actc.config import AverageBits
 from actc.kernels import quant
 from actc.passes import allocate as alloc
 from actc.passes.candidates import MIN_BITS, Saved, find_candidates, op_name
 from actc.passes.hoist import find_comparisons, hoist_comparisons
+from actc.passes.reach import parameter_derived
 from actc.passes.remat import recompute_from_saved
 from actc.passes.rewrite import Decision, rewrite, trace_pair
 from actc.passes.sensitivity import insert_statistics
@@ -62,12 +66,17 @@ class ActcPartitioner(compat.CustomPartitionerFn):
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any):
         needs_grad = _primals_needing_grad(gm, kwargs["num_fwd_outputs"])
+        compat.keep_random_saved(gm)  # a recompute budget must never redraw dropout's mask in the backward
+        at_full = _backward_at_full_budget(gm, joint_inputs, kwargs)
         fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         key = _graph_key(fw, self.graph)
         static = self.graph is None or self.graph.static
         try:
-            region, plan = compress(fw, bw, kwargs["num_fwd_outputs"], kwargs.get("static_lifetime_input_indices"),
-                                    self.session, key, static, needs_grad)
+            static_indices = kwargs.get("static_lifetime_input_indices")
+            by_inductor = [] if at_full is None else \
+                recomputed_by_inductor(gm, at_full, bw, fw, static_indices, self.session.config.min_bytes)
+            region, plan = compress(fw, bw, kwargs["num_fwd_outputs"], static_indices, self.session, key, static,
+                                    needs_grad, by_inductor)
         except Exception as e:  # never break a training step: fall back to the stock partition
             self.session.warn_once(f"actc left a graph uncompressed after an internal error: {type(e).__name__}: {e}")
             log.debug("actc fallback", exc_info=True)
@@ -92,7 +101,21 @@ class ActcPartitioner(compat.CustomPartitionerFn):
         if self.session is None:  # a stale copy of Inductor's config, after the session was freed
             return compat.get_hash_for_files(_source_files(), "freed session").hex()
         salt = self.session.cache_salt(region)
-        return compat.get_hash_for_files(_source_files(), repr(self.session.config) + salt).hex()
+        recompute = f" recompute budget {compat.inductor_recompute_budget()}"  # the one compile_fx runs under
+        return compat.get_hash_for_files(_source_files(), repr(self.session.config) + salt + recompute).hex()
+
+
+def _backward_at_full_budget(gm: fx.GraphModule, joint_inputs, kwargs) -> fx.GraphModule | None:
+    """Under a recompute budget below 1, the backward of the stock partition at 1.0 (what Inductor would save
+    without the budget), to name what the budget recomputes; None otherwise, or if that partition fails."""
+    if compat.inductor_recompute_budget() >= 1.0:
+        return None
+    try:
+        with compat.recompute_budget(1.0):
+            return compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)[1]
+    except Exception:  # only the plan's rows need it
+        log.debug("actc: partition at recompute budget 1.0 failed", exc_info=True)
+        return None
 
 
 def _primals_needing_grad(joint: fx.GraphModule, num_fwd_outputs: int) -> frozenset[str] | None:
@@ -114,8 +137,9 @@ def _graph_key(fw: fx.GraphModule, graph) -> str:
 
 
 def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, static_indices, session, key: str,
-             static: bool = True, needs_grad: frozenset[str] | None = None):
-    """Find, allocate and rewrite; returns the session's region for this graph and its plan."""
+             static: bool = True, needs_grad: frozenset[str] | None = None, by_inductor: list[TensorPlan] = ()):
+    """Find, allocate and rewrite; returns the session's region for this graph and its plan. ``by_inductor``:
+    rows for what Inductor's recompute budget recomputes (``recomputed_by_inductor``)."""
     config = session.config
     recomputed = recompute_from_saved(fw, bw, num_fwd_outputs, config.min_bytes)
     records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, needs_grad=needs_grad)
@@ -124,8 +148,10 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
                 for r in records if r.kind != "quant" and r.activation)
     moved = [_recomputed_plan(node, source) for node, source in recomputed.items()]
+    moved += list(by_inductor)
     activation = sum(r.full_bytes for r in records if r.activation) + sum(t.bytes_before for t in moved)
-    region = session.region(key, cands, fixed, activation, replannable=static)
+    credit = _budget_credit(by_inductor, config)
+    region = session.region(key, cands, fixed, activation, replannable=static, credit=credit)
     bits_by_name, feasible, budget = session.plan_bits(region)
     compressed = {a.name for r in quants if bits_by_name[r.name] != r.dtype.itemsize * 8 for a in r.aliases}
     if config.compress_masks and compressed:  # masks the backward recomputes from what is now quantized
@@ -160,6 +186,55 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     plan = GraphPlan(graph=region.index, budget=str(config.memory_budget), budget_bytes=budget + fixed,
                      feasible=feasible, tensors=tensors + moved)
     return region, plan
+
+
+def _saved_names(bw: fx.GraphModule) -> set[str]:
+    return {p.name for p in bw.graph.find_nodes(op="placeholder") if not p.name.startswith("tangents")}
+
+
+def recomputed_by_inductor(joint: fx.GraphModule, at_full: fx.GraphModule, bw: fx.GraphModule, fw: fx.GraphModule,
+                           static_indices, min_bytes: int) -> list[TensorPlan]:
+    """Plan rows for what Inductor's recompute budget recomputes instead of saving.
+
+    ``at_full`` is the backward of the stock partition at budget 1.0 and ``bw`` the one at the budget in
+    force: a tensor saved in the first and not in the second is recomputed in the backward. Activations of
+    at least ``min_bytes`` get a row, and the floating ones a share of an average-bits budget
+    (``_budget_credit``); parameter-derived tensors (a weight's transpose) are not activations."""
+    nodes = {n.name: n for n in joint.graph.nodes if n.op == "call_function"}
+    params = {n.name for n in parameter_derived(fw, static_indices)}
+    rows = []
+    for name in sorted(_saved_names(at_full) - _saved_names(bw)):
+        node = nodes.get(name)
+        val = node.meta.get("val") if node is not None else None
+        if not isinstance(val, torch.Tensor) or name in params:
+            continue
+        nbytes = math.prod(compat.upper_bound(s) for s in val.shape) * val.element_size()
+        if nbytes >= max(min_bytes, 1):
+            rows.append(TensorPlan(name=name, **_describe(node), producer=op_name(node), kind="recompute", bits=None,
+                                   bytes_before=nbytes, bytes_after=0,
+                                   reason=f"recomputed in the backward by Inductor's partitioner (recompute budget "
+                                          f"{compat.inductor_recompute_budget():g})"))
+    return rows
+
+
+def _budget_credit(rows: list[TensorPlan], config) -> int:
+    """An average-bits budget ("2bit") means the bytes of every compressible tensor at that width. The tensors
+    Inductor recomputes are compressible ones it no longer saves: their share stays in the budget and buys
+    more bits for the tensors that are saved. Fraction budgets count them in the uncompressed total
+    instead, and absolute budgets are bytes whatever is recomputed."""
+    budget = config.memory_budget
+    if not isinstance(budget, AverageBits) or not rows:
+        return 0
+    cands = []
+    for t in rows:
+        dtype = getattr(torch, t.dtype)
+        if not dtype.is_floating_point:  # masks and indices are not compressible tensors
+            continue
+        numel = t.bytes_before // dtype.itemsize
+        sizes = {b: quant.compressed_bytes(numel, b, config.group_size, dtype) for b in config.bits}
+        sizes[dtype.itemsize * 8] = t.bytes_before
+        cands.append(alloc.Candidate(id=t.name, bytes_at_bits=sizes, weight=1.0, full_bits=dtype.itemsize * 8))
+    return alloc.budget_for_average_bits(cands, budget.bits)
 
 
 def _recomputed_plan(node: fx.Node, source: str) -> TensorPlan:

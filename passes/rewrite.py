@@ -8,7 +8,7 @@ Before (forward / backward, after Inductor's partitioner):
 
 After (2-bit codes for addmm, 1-bit pack for the bool mask gt, per-group (lo, scale) in bf16):
 
-    fw: seeds = actc.seeds(1, cpu)                   bw(addmm_codes, addmm_meta, gt_bits, tangents_1):
+    fw: seeds = actc.seeds(1, cpu, [])               bw(addmm_codes, addmm_meta, gt_bits, tangents_1):
         addmm = aten.addmm(b, x, w_t)                     addmm = <dequantize(addmm_codes, addmm_meta)>
         <quantize(addmm, seeds[0]): amin/amax, hash        gt = <unpack(gt_bits)>
          noise, floor, shift-or packing, inlined aten ops>
@@ -208,9 +208,10 @@ def _insert_seeds(fw: fx.GraphModule, decisions: list[Decision]) -> dict[int, fx
         by_device.setdefault(d.saved.node.meta["val"].device, []).append(d)
     seed_of = {}
     anchor = compat.after_graph_seeds(fw)
+    after = compat.graph_seeds(fw)  # a data dependency: each call draws after them (see quant.seeds)
     for device, group in by_device.items():  # each device's call after the previous one's seeds
         with fw.graph.inserting_after(anchor):
-            call = fw.graph.call_function(torch.ops.actc.seeds.default, (len(group), device))
+            call = fw.graph.call_function(torch.ops.actc.seeds.default, (len(group), device, after))
         vals = [compat.fake_like(d.saved.node.meta["val"], (), torch.int64) for d in group]
         call.meta["val"] = vals
         anchor = call
@@ -218,6 +219,7 @@ def _insert_seeds(fw: fx.GraphModule, decisions: list[Decision]) -> dict[int, fx
             with fw.graph.inserting_after(anchor):
                 anchor = seed_of[id(d)] = fw.graph.call_function(operator.getitem, (call, i))
             anchor.meta["val"] = val
+        after = [seed_of[id(group[0])]]
     return seed_of
 
 

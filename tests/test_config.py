@@ -74,5 +74,6 @@ def test_the_defaults_in_one_place():
     config = ActcConfig.from_options({}, env={})
     assert config == ActcConfig(memory_budget=AverageBits(2.0), group_size=128, bits=(1, 2, 4, 8), min_bytes=16384,
                                 keep_uncompressed=True, compress_masks=True, dump_dir=None, allocation="static",
-                                warmup_steps=20, replan_every=100, sensitivity="relative")
+                                warmup_steps=20, replan_every=100, sensitivity="relative", recompute=None)
+    assert config.recompute_budget(1.0) == 1.0  # no recompute budget unless torch's own is set (issue 16: not yet rerun)
     assert config.summary() == "budget=2bit group=128 bits=[1, 2, 4, 8] min_bytes=16384 allocation=static"

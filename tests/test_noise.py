@@ -76,7 +76,7 @@ def test_tensors_uncorrelated(shift):
     # the keys as actc::seeds draws them, and keys that differ in one bit of their high half: a hash of
     # (i + k) would give one stream shifted by the other (correlation 1 at some shift)
     torch.manual_seed(0)
-    drawn = [int(s) for s in torch.ops.actc.seeds(4, torch.device("cpu"))]
+    drawn = [int(s) for s in torch.ops.actc.seeds(4, torch.device("cpu"), [])]
     for a, b in [(drawn[0], drawn[1]), (drawn[2], drawn[3]), (0, 1 << 32), (5, 5 - (1 << 63))]:
         u, v = noise(a), noise(b)
         assert abs(_corr(u[: N - shift], v[shift:])) < 5 / math.sqrt(N), (a, b, shift)
@@ -98,9 +98,9 @@ def test_rounding_with_hash_noise_is_unbiased():
 
 def test_seeds_follow_torch_manual_seed_and_are_separate_tensors():
     torch.manual_seed(3)
-    first = torch.ops.actc.seeds(4, torch.device("cpu"))
+    first = torch.ops.actc.seeds(4, torch.device("cpu"), [])
     torch.manual_seed(3)
-    again = torch.ops.actc.seeds(4, torch.device("cpu"))
+    again = torch.ops.actc.seeds(4, torch.device("cpu"), [])
     assert [int(s) for s in first] == [int(s) for s in again]
     assert len({int(s) for s in first}) == 4
     # one tensor each: a kernel reads its seed as an argument, so identical layers compile to one kernel

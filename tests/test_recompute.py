@@ -1,0 +1,148 @@
+"""Recompute and random draws: Inductor's recompute budget under actc (the ``recompute`` option), the random
+ops it must never recompute, and actc's own seed draw, which must come after the graph's.
+
+Every gradient here is compared with ``backend="inductor"`` at recompute budget 1.0 on the same seed, so the
+dropout masks are the same draws; at 8 bits the only difference left is rounding noise (relative error about
+3e-3 per element, far inside a cosine of 0.999).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+import actc
+from actc import _torch_compat as compat
+from actc.backend import session_for
+from actc.config import RECOMPUTE_ON, ActcConfig, ActcOptionError
+from actc.passes.partition import ActcPartitioner
+from actc.session import Session
+
+
+def _dropout_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, 256), nn.GELU(),
+                         nn.Linear(256, 10))
+
+
+def _step(backend: str, options: dict | None):
+    """One seeded forward and backward: (output, flat parameter gradient)."""
+    torch._dynamo.reset()
+    model = _dropout_mlp()
+    g = torch.Generator().manual_seed(123)
+    x, y = torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+    compiled = torch.compile(model, backend=backend, options=options)
+    torch.manual_seed(0)
+    out = compiled(x)
+    F.cross_entropy(out, y).backward()
+    return out.detach(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def inductor_step():
+    return _step("inductor", None)
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), (True, RECOMPUTE_ON), (False, 1.0), (0.5, 0.5), (1, 1.0)])
+def test_recompute_option_values(value, expected):
+    assert ActcConfig.from_options({"recompute": value}, env={}).recompute == expected
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 1.5, -0.3, "0.3", [0.3]])
+def test_bad_recompute_value_names_the_option(value):
+    with pytest.raises(ActcOptionError, match=r"option 'recompute': invalid value .*0 < f <= 1"):
+        ActcConfig.from_options({"recompute": value}, env={})
+
+
+def test_recompute_budget_resolution():
+    """The option wins; without it torch's own activation_memory_budget applies when a user set it."""
+    assert ActcConfig(recompute=0.5).recompute_budget(0.2) == 0.5
+    assert ActcConfig().recompute_budget(0.2) == 0.2
+    assert ActcConfig().recompute_budget(1.0) == ActcConfig().recompute_budget(1.0)  # RECOMPUTE_DEFAULT
+
+
+def test_keep_random_saved_tags_only_untagged_random_draws():
+    def f(x, y):
+        return x * (torch.ops.aten.rand_like.default(x) > 0.5) + torch.ops.aten.rand_like.default(y)
+
+    gm = make_fx(f)(torch.randn(8), torch.randn(8))
+    draws = [n for n in gm.graph.nodes if n.target is torch.ops.aten.rand_like.default]
+    draws[1].meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE  # a user's checkpoint policy stays
+    assert compat.keep_random_saved(gm) == [draws[0]]
+    assert draws[0].meta["recompute"] == CheckpointPolicy.MUST_SAVE
+    assert draws[1].meta["recompute"] == CheckpointPolicy.PREFER_RECOMPUTE
+    assert all("recompute" not in n.meta for n in gm.graph.nodes if n not in draws)
+
+
+def test_actc_seeds_draw_after_the_graph_seeds(inductor_step):
+    """At a budget that keeps one tensor exact and quantizes another, Inductor's scheduler emitted actc's seed
+    draw before dropout's, so every dropout mask changed (gradient cosine 0.91). The seed call now takes the
+    graph's seeds as an argument: the forward is bit-identical to Inductor's and the masks are its masks."""
+    options = {"memory_budget": 0.5, "min_bytes": 1024, "recompute": 1.0}
+    out, grad = _step("actc", options)
+    (plan,) = session_for(options).plans
+    assert {t.kind for t in plan.tensors} >= {"keep", "quant"}
+    assert "torch.ops.actc.seeds.default(1, device(type='cpu'), [inductor_seeds_default])" in plan.forward_code
+    ref_out, ref_grad = inductor_step
+    assert torch.equal(out, ref_out)
+    assert F.cosine_similarity(grad, ref_grad, dim=0) >= 0.999
+
+
+@pytest.mark.parametrize("recompute", [0.3, 0.05])
+def test_dropout_under_a_recompute_budget_keeps_its_mask(inductor_step, recompute):
+    """Inductor alone at budget 0.3 recomputes dropout with a new mask on CPU (bench/probe_recompute_dropout.py,
+    cosine 0.90); under actc the draw is MUST_SAVE, so its seed is saved and the mask replays."""
+    options = {"memory_budget": "8bit", "min_bytes": 1024, "recompute": recompute}
+    out, grad = _step("actc", options)
+    ref_out, ref_grad = inductor_step
+    assert torch.equal(out, ref_out)
+    assert F.cosine_similarity(grad, ref_grad, dim=0) >= 0.999
+    (plan,) = session_for(options).plans
+    assert "inductor_lookup_seed" in {t.producer for t in plan.tensors}  # the seed is what is saved
+
+
+def test_a_cheap_pointwise_tensor_is_recomputed_not_quantized():
+    """Under a recompute budget the dropout output (pointwise in what is saved anyway) is recomputed by
+    Inductor, 0 bytes, where at 1.0 actc stores it at 2 bits; the plan says which and why."""
+    rows = {}
+    for recompute in (1.0, 0.3):
+        torch._dynamo.reset()
+        (plan,) = actc.explain(_dropout_mlp(), torch.randn(64, 32), memory_budget="2bit", min_bytes=1024,
+                               recompute=recompute).plans
+        rows[recompute] = {t.name: t for t in plan.tensors}
+    assert (rows[1.0]["mul_1"].kind, rows[1.0]["mul_1"].bits) == ("quant", 2)
+    row = rows[0.3]["mul_1"]
+    assert (row.kind, row.bytes_after, row.bytes_before) == ("recompute", 0, 64 * 256 * 4)
+    assert row.reason == "recomputed in the backward by Inductor's partitioner (recompute budget 0.3)"
+
+
+def test_recomputed_tensors_keep_their_share_of_an_average_bits_budget():
+    """'2bit' means every compressible tensor at 2 bits: what Inductor recomputes leaves its share to the
+    tensors that are saved, so their bits can only rise; a byte budget is bytes whatever is recomputed."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 512), nn.GELU(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 8))
+    x = torch.randn(128, 64)
+    plans = {}
+    for recompute in (1.0, 0.5):
+        options = {"memory_budget": "2bit", "min_bytes": 1024, "recompute": recompute}
+        compiled = torch.compile(model, backend="actc", options=options)
+        compiled(x).square().mean().backward()
+        session = session_for(options)
+        (region,) = session.regions.values()
+        (plans[recompute],) = session.plans
+        assert (region.credit > 0) == (recompute < 1.0)
+        torch._dynamo.reset()
+    rows = {r: {t.name: t for t in plans[r].tensors} for r in plans}
+    # at 0.5 Inductor recomputes the first Linear's output and GELU; tanh, saved either way, gets their share
+    assert rows[0.5]["addmm"].kind == "recompute" and rows[1.0]["addmm"].kind == "quant"
+    assert (rows[1.0]["tanh"].bits, rows[0.5]["tanh"].bits) == (4, 8)
+
+
+def test_the_cache_key_follows_the_recompute_budget():
+    partitioner = ActcPartitioner(Session(ActcConfig.from_options({}, env={})))
+    with compat.recompute_budget(0.3):
+        at_03 = partitioner.uuid()
+    assert at_03 != partitioner.uuid()
