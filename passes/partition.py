@@ -94,6 +94,13 @@ class ActcPartitioner(compat.CustomPartitionerFn):
     def __deepcopy__(self, memo):  # Inductor deep-copies its config; the session must stay shared
         return self
 
+    def __reduce__(self):
+        # 2.11, 2.13: the FX-graph and AOTAutograd cache keys pickle Inductor's whole config, this object
+        # included (custom_partitioner_fn is not in _cache_config_ignore_prefix). Its weak references do not
+        # pickle, and both caches were bypassed on every compile ("unpicklable type ReferenceType"), so a rerun
+        # of a script never hit. uuid() is what identifies it; nothing unpickles this outside a cache key.
+        return str, (self.uuid(),)
+
     def uuid(self) -> str:
         # The compile caches must never serve a graph compiled under other options, other actc code, or
         # (absolute budgets, adaptive allocation) another session's plan or statistics buffers.
