@@ -41,6 +41,7 @@ MODES: dict[str, dict[str, Any]] = {
     "inductor": dict(backend="inductor"),
     "inductor recompute 0.3": dict(backend="inductor", recompute=0.3),
     "inductor fp8": dict(backend="inductor", fp8=True),
+    "actc default": dict(backend="actc", options={}),  # what torch.compile(model, backend="actc") gets
     "actc 8bit": dict(backend="actc", options={"memory_budget": "8bit"}),
     "actc 4bit": dict(backend="actc", options={"memory_budget": "4bit"}),
     "actc 2bit": dict(backend="actc", options={"memory_budget": "2bit"}),
@@ -75,6 +76,12 @@ MODES: dict[str, dict[str, Any]] = {
     "actc 1.5bit adaptive once": dict(backend="actc", options={"memory_budget": "1.5bit", "allocation": "adaptive",
                                                                "replan_every": 0}),
 }
+
+# Every actc row but "actc default" names its recompute budget, 1.0 (none) unless the row says otherwise, so
+# that a row keeps its meaning whatever actc's default is.
+for _name, _mode in MODES.items():
+    if _mode["backend"] == "actc" and _name != "actc default":
+        _mode["options"].setdefault("recompute", 1.0)
 
 # PyTorch's fp8 pass (torch/_functorch/partitioners.py, enable_activation_quantization). It casts saved
 # tensors of the allowed dtypes to fp8 with a per-tensor scale. The size threshold is actc's min_bytes

@@ -124,3 +124,14 @@ def _fresh_dynamo():
     """Each test starts from a clean dynamo state (module fixtures reset on their own)."""
     yield
     torch._dynamo.reset()
+
+
+def assert_unbiased(diffs: Sequence[torch.Tensor], label: str) -> None:
+    """The errors of K gradient draws against the exact gradient, d_i, average out as an unbiased estimator's:
+    E|mean d|^2 = E|d|^2 / K, and a bias b adds |b|^2 that no averaging removes. Allowed: 1.5x the unbiased
+    value (the norms sum thousands of coordinates, so their spread is a few percent)."""
+    single = (sum(d.double().norm() ** 2 for d in diffs) / len(diffs)).sqrt().item()
+    mean = (sum(diffs) / len(diffs)).double().norm().item()
+    print(f"\n[{label}] 2bit error norm: one draw {single:.4g}, mean of {len(diffs)} {mean:.4g}, "
+          f"unbiased expectation {single / len(diffs) ** 0.5:.4g}")
+    assert mean <= 1.5 * single / len(diffs) ** 0.5

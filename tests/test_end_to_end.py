@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from actc.models import ConvNet, TinyGPT, copy_task, lm_loss
-from conftest import cosine, measure_saved, train_steps
+from conftest import assert_unbiased, cosine, measure_saved, train_steps
 
 pytestmark = pytest.mark.slow  # three models trained under several modes: ~20 minutes on 2 cores
 
@@ -168,12 +168,7 @@ def test_2bit_noise_averages_out(runs):
     unbiased value: the norms are sums over thousands of coordinates, so their spread is a few percent,
     and GELU's backward (a nonlinear function of the dequantized input) leaves a small known bias."""
     name, r = runs
-    diffs = [a - b for a, b in zip(r["2bit"].draws, r["inductor"].draws)]
-    single = (sum(d.double().norm() ** 2 for d in diffs) / len(diffs)).sqrt().item()
-    mean = (sum(diffs) / len(diffs)).double().norm().item()
-    print(f"\n[{name}] 2bit error norm: one draw {single:.4g}, mean of {len(diffs)} {mean:.4g}, "
-          f"unbiased expectation {single / len(diffs) ** 0.5:.4g}")
-    assert mean <= 1.5 * single / len(diffs) ** 0.5
+    assert_unbiased([a - b for a, b in zip(r["2bit"].draws, r["inductor"].draws)], name)
 
 
 # ------------------------------------------------------------------------------------------------- the bias
