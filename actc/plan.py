@@ -44,13 +44,18 @@ class GraphPlan:
         return sum(t.bytes_after for t in self.tensors if t.activation)
 
     def totals(self) -> str:
-        ratio = f"{self.bytes_before / self.bytes_after:.1f}x less" if self.bytes_after else "nothing saved"
         compressed = sum(t.kind in ("quant", "mask") for t in self.tensors)
         activations = sum(t.activation for t in self.tensors)
         return (f"actc graph {self.graph}: {compressed}/{activations} saved activations compressed, "
-                f"{mib(self.bytes_before)} -> {mib(self.bytes_after)} MiB ({ratio}), budget {self.budget}"
+                f"{mib(self.bytes_before)} -> {mib(self.bytes_after)} MiB "
+                f"({less(self.bytes_before, self.bytes_after)}), budget {self.budget}"
                 + ("" if self.feasible else " (infeasible: tightest plan used)")
                 + (f" [fell back: {self.error}]" if self.error else ""))
+
+
+def less(before: int, after: int) -> str:
+    """How many times less is saved: "9.6x less", or "nothing saved" when everything is recomputed."""
+    return f"{before / after:.1f}x less" if after else "nothing saved"
 
 
 def mib(n: int) -> str:
@@ -77,7 +82,7 @@ def table(plans: list[GraphPlan], primals: bool = False) -> str:
     lines += [p.totals() for p in plans]
     before, after = sum(p.bytes_before for p in plans), sum(p.bytes_after for p in plans)
     lines.append(f"total: {mib(before)} -> {mib(after)} MiB of activations saved for backward "
-                 f"({before / max(after, 1):.1f}x less; primals and parameter-derived tensors not counted)")
+                 f"({less(before, after)}; primals and parameter-derived tensors not counted)")
     return "\n".join(lines)
 
 
