@@ -33,6 +33,51 @@ aten = torch.ops.aten
 COMPARISONS = (aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar, aten.eq.Scalar, aten.ne.Scalar)
 
 
+def split_relus(fw: fx.GraphModule, bw: fx.GraphModule) -> int:
+    """Write each backward ``relu(v)`` whose input the forward holds as ``where(le(v, 0), 0, v)``; returns
+    how many. The backward recomputes a ReLU when activation checkpointing or Inductor's recompute budget
+    replays a block, and a weight gradient may read the recomputed value. Were ``v`` rebuilt from compressed
+    data, ``relu(v + e)`` would be biased, E[relu(z + e)] > relu(z) near 0, however many steps average it.
+    Split, the comparison moves into the forward as an exact mask (``hoist_comparisons``), and
+    ``where(exact mask, 0, v + e)`` is linear in the rounding error: unbiased. Where nothing ends up
+    compressed, the two forms compute the same values (NaN, -0.0 included) in one fused kernel.
+
+    ReLU's own backward, ``le(relu(v), 0)``, reads the same ``le(v, 0)`` (NaN and -0.0 included), so one mask
+    serves both; other comparisons keep reading the ReLU, which the forward holds too.
+
+    Before: bw: relu_1 = aten.relu(addmm_1);  le_3 = aten.le.Scalar(relu_1, 0)
+                where_2 = aten.where.self(le_3, full, mm);  mm_1 = aten.mm(permute, relu_1)
+    After:  bw: le_5 = aten.le.Scalar(addmm_1, 0);  where_6 = aten.where.ScalarSelf(le_5, 0.0, addmm_1)
+                where_2 = aten.where.self(le_5, full, mm);  mm_1 = aten.mm(permute, where_6)
+    """
+    fw_nodes = {n.name: n for n in fw.graph.nodes}
+    bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
+    split = 0
+    for relu in bw.graph.find_nodes(op="call_function", target=aten.relu.default):
+        v = relu.args[0]
+        if (not _same_in_forward(v, fw_nodes, bw_ph) or not isinstance(v.meta.get("val"), torch.Tensor)
+                or all(user.target in COMPARISONS for user in relu.users)):  # read for its mask alone: as it is
+            continue
+        with bw.graph.inserting_before(relu):
+            le = bw.graph.call_function(aten.le.Scalar, (v, 0))
+            where = bw.graph.call_function(aten.where.ScalarSelf, (le, 0.0, v))
+        le.meta["val"] = aten.le.Scalar(v.meta["val"], 0)
+        where.meta["val"] = relu.meta["val"]
+        for user in list(relu.users):
+            if user.target is aten.le.Scalar and user.args[1] == 0:  # ReLU's own backward: relu(v) <= 0 iff v <= 0
+                user.replace_all_uses_with(le)
+                bw.graph.erase_node(user)
+            elif user.target not in COMPARISONS:  # the others stay on relu, which the forward holds
+                user.replace_input_with(relu, where)
+        if not relu.users:
+            bw.graph.erase_node(relu)
+        split += 1
+    if split:
+        bw.graph.lint()
+        bw.recompile()
+    return split
+
+
 def find_comparisons(fw: fx.GraphModule, bw: fx.GraphModule, names) -> dict[tuple, list[fx.Node]]:
     """The backward comparisons that would move if the saved tensors ``names`` were compressed, grouped
     by what they compute (one mask each): {(target, forward source name, args...): [comparison nodes]}."""

@@ -2,7 +2,8 @@
 
     joint graph ─ keep_random_saved ─ min_cut_rematerialization_partition ─▶ (fw, bw)   stock; applies
                 │                                                                      the recompute budget
-                └ recomputed_by_inductor ─▶ recompute_from_saved ─▶ find_candidates ─▶ hoist_comparisons
+                └ recomputed_by_inductor ─▶ recompute_from_saved ─▶ split_relus ─▶ find_candidates
+                  ─▶ hoist_comparisons
                   ─▶ allocate (bits under the session's budget) ─▶ rewrite(fw, bw)
                   ─▶ insert_statistics(bw) (adaptive) ─▶ (fw', bw')
 
@@ -27,7 +28,7 @@ from actc.config import AverageBits
 from actc.kernels import quant
 from actc.passes import allocate as alloc
 from actc.passes.candidates import MIN_BITS, Saved, find_candidates, op_name
-from actc.passes.hoist import find_comparisons, hoist_comparisons
+from actc.passes.hoist import find_comparisons, hoist_comparisons, split_relus
 from actc.passes.reach import parameter_derived
 from actc.passes.remat import recompute_from_saved
 from actc.passes.rewrite import Decision, rewrite, trace_pair
@@ -149,6 +150,8 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     rows for what Inductor's recompute budget recomputes (``recomputed_by_inductor``)."""
     config = session.config
     recomputed = recompute_from_saved(fw, bw, num_fwd_outputs, config.min_bytes)
+    if config.compress_masks:
+        split_relus(fw, bw)
     records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, needs_grad=needs_grad)
     quants = [r for r in records if r.kind == "quant"]
     cands = [_candidate(r, config, _mask_bytes(fw, bw, r) if config.compress_masks else 0) for r in quants]

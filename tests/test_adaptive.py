@@ -10,7 +10,9 @@ from actc.backend import CompiledGraph, session_for
 from actc.kernels import quant
 
 SMALL = 1024  # min_bytes: every activation of these toy models is a candidate
-BASE = {"min_bytes": SMALL, "allocation": "adaptive"}  # what every test here starts from
+# what every test here starts from; recompute=1.0 so that Inductor saves (and the statistics see) every
+# activation of these toy models, which its default recompute budget would recompute instead
+BASE = {"min_bytes": SMALL, "allocation": "adaptive", "recompute": 1.0}
 
 
 def _session(options: dict):
@@ -51,6 +53,7 @@ def _quantized(session):
     return region, [(t.name, t.bits) for t in region.plan.tensors if t.kind == "quant"]
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_statistic_matches_a_direct_computation():
     """One step of Linear → ReLU → Linear. The ReLU output X (64 x 256) feeds the second Linear's weight
     gradient dW = Gᵀ X, G = dL/dy (64 x 4): A = |G|² · fan_in / numel = |G|² / 64, R = group · Σ range²
@@ -82,6 +85,7 @@ def test_statistic_matches_a_direct_computation():
     assert abs(d - direct_d) <= 1e-5 * direct_d
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_replan_gives_the_sensitive_branch_more_bits():
     """Absolute weights (SGD's view). "3bit" over two equal tensors: 2 + 4 bits fits, so the allocator has a
     real choice. With equal default weights (the first compile, and static allocation) the tie goes to
@@ -126,6 +130,7 @@ def test_relative_weights_follow_the_noise_relative_to_the_gradient():
         assert [bits for _, bits in _quantized(session)[1]] == after, sensitivity
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_budget_holds_after_a_replan():
     budget = 40_000
     options = {**BASE, "memory_budget": budget, "warmup_steps": 3, "replan_every": 0}
@@ -135,6 +140,7 @@ def test_budget_holds_after_a_replan():
     assert region.bytes_at(region.bits) <= budget
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_no_recompile_loop_over_200_steps(monkeypatch):
     compiles = []
     real = CompiledGraph._compile
@@ -152,6 +158,7 @@ def test_no_recompile_loop_over_200_steps(monkeypatch):
     assert len(compiles) <= 3
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_static_allocation_measures_nothing():
     options = {**BASE, "memory_budget": "3bit", "allocation": "static", "warmup_steps": 1}
     session = _train(Branches(scale=(1.0, 100.0)), options, steps=3)

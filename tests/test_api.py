@@ -153,6 +153,7 @@ print("errors", errors)
 """
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 @pytest.mark.parametrize("route", ["import", "actc.compile"])
 def test_first_use_from_threads_does_not_race(route):
     """Left to torch's lazy entry-point registration, 8 threads that first look up "actc" at once fail

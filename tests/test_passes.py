@@ -20,6 +20,13 @@ def mlp():
     return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 8))
 
 
+def explain(model, *inputs, **options):
+    """actc.explain with Inductor's recompute budget pinned at 1.0 (``recompute=1.0``): the tests here check
+    how actc treats each tensor that Inductor saves, so Inductor must save them all. What the default
+    budget recomputes is checked in test_default_plan_recomputes_and_spends_the_credit and test_recompute.py."""
+    return actc.explain(model, *inputs, **{"recompute": 1.0, **options})
+
+
 def by_name(explanation):
     (plan,) = explanation.plans
     return {t.name: t for t in plan.tensors}, plan
@@ -27,7 +34,7 @@ def by_name(explanation):
 
 def test_mlp_plan_bits_and_bytes():
     x = torch.randn(32, 64)
-    tensors, plan = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
+    tensors, plan = by_name(explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
     quantized = {n: t for n, t in tensors.items() if t.kind == "quant"}
     # the GELU input (addmm, 32x256) and the ReLU output are what the backward needs
     assert "addmm" in quantized and quantized["addmm"].shape == "(32, 256)"
@@ -58,7 +65,7 @@ def test_gelu_output_read_only_by_a_matmul_is_recomputed():
     """passes/remat.py: the GELU output (mul_2) is saved for fc2's weight gradient alone; it is recomputed in
     the backward from the dequantized GELU input (addmm, which GELU's backward reads anyway) and not saved.
     The ReLU output, read by a matmul too, is not a function of another saved tensor and stays quantized."""
-    tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget="2bit", min_bytes=1024))
+    tensors, plan = by_name(explain(mlp(), torch.randn(32, 64), memory_budget="2bit", min_bytes=1024))
     gelu = tensors["mul_2"]
     assert (gelu.kind, gelu.bits, gelu.bytes_before, gelu.bytes_after) == ("recompute", None, 32 * 256 * 4, 0)
     assert "from %addmm" in gelu.reason and tensors["relu"].kind == "quant"
@@ -68,10 +75,44 @@ def test_gelu_output_read_only_by_a_matmul_is_recomputed():
     assert plan.bytes_before == sum(t.bytes_before for t in tensors.values() if t.activation)
 
 
+def test_default_plan_recomputes_and_spends_the_credit():
+    """At the default recompute budget (config.RECOMPUTE_DEFAULT, 0.3) Inductor's partitioner itself recomputes
+    the GELU output in the backward. Its 2-bit share of the budget goes to a tensor that stays saved: the ReLU
+    output gets 8 bits where recompute=1.0 gives it 2, and the plan still meets '2bit'."""
+    x = torch.randn(32, 64)
+    tensors, plan = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
+    pinned, _ = by_name(explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
+    assert tensors["mul_2"].kind == "recompute" and "recompute budget 0.3" in tensors["mul_2"].reason
+    assert (tensors["relu"].bits, pinned["relu"].bits) == (8, 2)
+    assert plan.feasible and plan.bytes_after * 10 < plan.bytes_before
+
+
+def test_recomputed_relu_reads_an_exact_mask():
+    """passes/hoist.split_relus: under activation checkpointing the backward recomputes relu(addmm(dequantized
+    tanh)) and fc2's weight gradient reads it, a biased value (E[relu(z + e)] > relu(z)). It becomes
+    where(addmm <= 0, 0, addmm) with the comparison moved into the forward as an exact mask, which the
+    ReLU's own backward reads too: one mask, and no relu of dequantized data left in the backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+
+        def forward(self, x):
+            return checkpoint(self.block, torch.tanh(x), use_reentrant=False)
+
+    torch.manual_seed(0)
+    tensors, plan = by_name(explain(Checkpointed(), torch.randn(64, 64, requires_grad=True), min_bytes=1024))
+    assert tensors["tanh"].kind == "quant" and [n for n, t in tensors.items() if t.kind == "mask"] == ["addmm_le"]
+    assert "addmm_le_bits" in plan.backward_code.split("def forward(")[1].split(")")[0]
+    assert "aten.relu" not in plan.backward_code and "aten.where.ScalarSelf(" in plan.backward_code
+
+
 def test_masks_are_one_bit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.5), nn.Linear(256, 8))
-    tensors, _ = by_name(actc.explain(model, torch.randn(32, 64), min_bytes=1024))
+    tensors, _ = by_name(explain(model, torch.randn(32, 64), min_bytes=1024))
     masks = [t for t in tensors.values() if t.kind == "mask"]
     assert len(masks) == 1 and masks[0].dtype == "bool" and masks[0].bits == 1
     assert masks[0].bytes_before == 32 * 256 and masks[0].bytes_after == 32 * 256 // 8
@@ -81,7 +122,7 @@ def test_masks_are_one_bit():
 def test_attention_aliases_compressed_once_at_the_root():
     torch.manual_seed(0)
     model = TinyGPT(vocab=32, width=64, layers=1, heads=2, context=32)
-    tensors, plan = by_name(actc.explain(model, torch.randint(0, 32, (4, 32)), min_bytes=1024))
+    tensors, plan = by_name(explain(model, torch.randint(0, 32, (4, 32)), min_bytes=1024))
     roots = [t for t in tensors.values() if t.reason.startswith("root of")]
     assert roots, "q, k and v are views of one qkv matmul output"
     qkv = roots[0]
@@ -103,7 +144,7 @@ def test_parameter_derived_tensors_are_left_alone():
             return F.linear(torch.tanh(x), self.w @ self.w.t())
 
     x = torch.randn(64, 64, requires_grad=True)
-    tensors, plan = by_name(actc.explain(Scaled(), x, min_bytes=1024))
+    tensors, plan = by_name(explain(Scaled(), x, min_bytes=1024))
     derived = [t for t in tensors.values() if t.reason == "parameter-derived"]
     assert len(derived) == 1 and derived[0].kind == "skip" and not derived[0].activation
     assert f"{derived[0].name}_codes" not in plan.forward_code
@@ -112,16 +153,16 @@ def test_parameter_derived_tensors_are_left_alone():
 
 @pytest.mark.parametrize("budget,bits", [("8bit", 8), ("4bit", 4), ("1bit", 1)])
 def test_average_bit_budgets(budget, bits):
-    tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=budget, min_bytes=1024))
+    tensors, plan = by_name(explain(mlp(), torch.randn(32, 64), memory_budget=budget, min_bytes=1024))
     # the GELU input (addmm) is held to >= 4 bits (test_nonlinear_consumers_keep_a_fine_step)
     assert {n: t.bits for n, t in tensors.items() if t.kind == "quant"} == {
         n: max(bits, 4) if n == "addmm" else bits for n, t in tensors.items() if t.kind == "quant"}
 
 
 def test_fraction_budget_is_met_and_can_keep_tensors():
-    tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=0.1, min_bytes=1024))
+    tensors, plan = by_name(explain(mlp(), torch.randn(32, 64), memory_budget=0.1, min_bytes=1024))
     assert plan.feasible and plan.bytes_after <= 0.1 * plan.bytes_before
-    tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=1.0, min_bytes=1024))
+    tensors, plan = by_name(explain(mlp(), torch.randn(32, 64), memory_budget=1.0, min_bytes=1024))
     assert all(t.kind in ("keep", "skip", "recompute") for t in tensors.values())
     # only the GELU output, recomputed from the (here exact) GELU input, is not saved
     assert plan.bytes_after == plan.bytes_before - tensors["mul_2"].bytes_before
@@ -129,7 +170,7 @@ def test_fraction_budget_is_met_and_can_keep_tensors():
 
 def test_infeasible_budget_warns_once_and_uses_the_tightest_plan(caplog):
     with caplog.at_level(logging.WARNING, logger="actc"):
-        tensors, plan = by_name(actc.explain(mlp(), torch.randn(32, 64), memory_budget=1024, min_bytes=1024))
+        tensors, plan = by_name(explain(mlp(), torch.randn(32, 64), memory_budget=1024, min_bytes=1024))
     assert not plan.feasible
     assert {n: t.bits for n, t in tensors.items() if t.kind == "quant"} == {
         n: 4 if n == "addmm" else 1 for n, t in tensors.items() if t.kind == "quant"}
@@ -146,10 +187,10 @@ def test_payoff_threshold_and_integer_tensors():
         def forward(self, idx):
             return torch.tanh(self.emb(idx)).max(dim=1).values
 
-    tensors, _ = by_name(actc.explain(Indexed(), torch.randint(0, 100, (16, 40)), min_bytes=1024))
+    tensors, _ = by_name(explain(Indexed(), torch.randint(0, 100, (16, 40)), min_bytes=1024))
     ints = [t for t in tensors.values() if t.dtype in ("int64", "int32")]
     assert ints and all(t.kind == "skip" and "kept exact" in t.reason for t in ints if t.activation)
-    tensors, _ = by_name(actc.explain(Indexed(), torch.randint(0, 100, (16, 40)), min_bytes=10**9))
+    tensors, _ = by_name(explain(Indexed(), torch.randint(0, 100, (16, 40)), min_bytes=10**9))
     assert all(t.kind == "skip" for t in tensors.values())
     assert any("below payoff" in t.reason for t in tensors.values())
 
@@ -197,7 +238,7 @@ def test_nonlinear_consumers_keep_a_fine_step():
     """Rounding noise averages out only through a backward that is linear in the saved tensor. The logits reach
     exp (log-softmax backward) and q/k the attention backward's softmax: >= 8 bits. GELU's input reaches erf: >= 4."""
     idx, targets = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
-    tensors, plan = by_name(actc.explain(LM(), idx, targets, memory_budget="2bit", min_bytes=1024))
+    tensors, plan = by_name(explain(LM(), idx, targets, memory_budget="2bit", min_bytes=1024))
     by_consumer = {}
     for t in tensors.values():
         if t.kind == "quant":
@@ -215,7 +256,7 @@ def test_nonlinear_consumers_keep_a_fine_step():
     assert plan.feasible and plan.bytes_after <= plan.budget_bytes
 
     # with no width fine enough, they stay exact, and say why
-    tensors, _ = by_name(actc.explain(LM(), idx, targets, memory_budget="2bit", bits=[1, 2], min_bytes=1024))
+    tensors, _ = by_name(explain(LM(), idx, targets, memory_budget="2bit", bits=[1, 2], min_bytes=1024))
     held = [t for t in tensors.values() if "allow none" in t.reason]
     assert len(held) == 3 and all(t.kind == "skip" and t.bytes_after == t.bytes_before for t in held)
 
@@ -304,7 +345,7 @@ def test_broadcast_tensors_weigh_as_their_broadcast():
     """A position embedding (context x width) is added to every row of the batch; its rounding error is the
     same in all of them, so its default weight is its numel times the batch, and the plan says why."""
     idx, targets = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
-    tensors, _ = by_name(actc.explain(LM(), idx, targets, memory_budget="2bit", min_bytes=1024))
+    tensors, _ = by_name(explain(LM(), idx, targets, memory_budget="2bit", min_bytes=1024))
     pos = [t for t in tensors.values() if t.kind == "quant" and t.shape == "(32, 64)" and t.producer == "embedding"]
     assert len(pos) == 1 and pos[0].weight == 32 * 64 * 4 and "broadcast x4" in pos[0].reason
     tok = [t for t in tensors.values() if t.kind == "quant" and t.shape == "(4, 32, 64)" and t.producer == "embedding"]

@@ -119,6 +119,7 @@ def test_a_cheap_pointwise_tensor_is_recomputed_not_quantized():
     assert row.reason == "recomputed in the backward by Inductor's partitioner (recompute budget 0.3)"
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_recomputed_tensors_keep_their_share_of_an_average_bits_budget():
     """'2bit' means every compressible tensor at 2 bits: what Inductor recomputes leaves its share to the
     tensors that are saved, so their bits can only rise; a byte budget is bytes whatever is recomputed."""

@@ -28,6 +28,7 @@ def grads_of(model: nn.Module, fn, x: torch.Tensor, seed: int = 1) -> torch.Tens
     return flat_grads(model)
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_dynamic_shapes_train_and_plan_worst_case():
     """A batch dimension marked dynamic in [2, 100] compiles once, trains at every size, and the plan is sized
     for the largest batch. A tensor that could shrink to one quantization group stays exact (Inductor would
@@ -51,6 +52,7 @@ def test_dynamic_shapes_train_and_plan_worst_case():
         assert cosine(got, exact) > 0.999, batch
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_dynamic_true_recompiles_nothing_for_new_sizes():
     counts = {"graphs": 0}
 
@@ -138,6 +140,7 @@ def test_bad_option_through_torch_compile_names_it():
         compiled(torch.randn(4, 64))
 
 
+@pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 def test_entry_point_needs_no_import(tmp_path):
     """`backend="actc"` is found through the torch_dynamo_backends entry point, in a process that never
     imports actc itself."""
