@@ -4,7 +4,7 @@
 
 torch 2.13.0+cpu printed: dropout 0.0: cosine 1.000000; dropout 0.1: cosine 0.902284, forwards identical.
 The forward is the same and the gradient is not: the backward recomputes dropout with another mask. actc's
-partitioner therefore tags every random draw MUST_SAVE before partitioning (compat.keep_random_saved), so
+partitioner therefore tags every random draw MUST_SAVE before partitioning (compat.keep_saved), so
 that under its ``recompute`` option the seed is saved and the mask replays (tests/test_recompute.py).
 """
 import os

@@ -49,9 +49,16 @@ ELEMENTWISE = {"add", "sub", "rsub", "mul", "div", "neg", "view", "reshape", "ex
 # Attention backwards recompute softmax(q·kᵀ) from the saved q and k; v, out and the gradient enter linearly.
 ATTENTION_BACKWARD = "scaled_dot_product"
 ATTENTION_EXP_ARGS = (1, 2)
-# The fewest bits each consumer class may get (passes/partition.py drops the narrower widths).
-MIN_BITS = {"linear": 1, "other": 1, "smooth": 4, "stat": 8, "exp": 8}
-_RANK = ("linear", "other", "smooth", "stat", "exp")  # worst last
+# Ops that pick elements by value: a max-pool, max or sort that the backward recomputes (Inductor's recompute
+# budget, activation checkpointing) from rounded data picks other elements than the forward did, and routes
+# the gradient there; E[max(z + e)] > max(z) besides. No width is fine enough: such a tensor stays exact.
+SELECT_OPS = {"_low_memory_max_pool_with_offsets", "max_pool2d_with_indices", "max_pool3d_with_indices",
+              "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d",
+              "max", "min", "maximum", "minimum", "argmax", "argmin", "sort", "topk", "kthvalue", "median", "mode"}
+# The fewest bits each consumer class may get (passes/partition.py drops the narrower widths; "select":
+# none, the tensor stays exact).
+MIN_BITS = {"linear": 1, "other": 1, "smooth": 4, "stat": 8, "exp": 8, "select": 64}
+_RANK = ("linear", "other", "smooth", "stat", "exp", "select")  # worst last
 
 
 @dataclass
@@ -123,6 +130,7 @@ def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
     through every op (a recompute in the backward included) up to comparisons, whose exact masks
     passes/hoist.py moves into the forward:
 
+        select  an op that picks elements by value (max-pool, max, sort): kept exact
         exp     an exponential, softmax, log-softmax backward, or q/k of an attention backward
         stat    statistics recomputed from it (a BatchNorm the partitioner recomputes: var_mean, or a sum of
                 squares): E[x̂²] = x² + Var(e), so the error does not average out over the reduction
@@ -155,6 +163,8 @@ def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
         if name in EXP_OPS and nonlinear or attention and any(i in ATTENTION_EXP_ARGS for i in hits):
             # exp(-x²/2) (GELU's density) is bounded with bounded derivatives: smooth, not exponential
             cls = "smooth" if any(node.args[i] in squared for i in nonlinear) else "exp"
+        elif name in SELECT_OPS and nonlinear:
+            cls = "select"
         elif name in STAT_OPS or name in ("sum", "mean") and any(node.args[i] in squared for i in hits):
             cls = "stat"
         elif name in SMOOTH_OPS and nonlinear or name == "div" and 1 in hits:
@@ -290,6 +300,9 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=f
     rec.spread = broadcast_factor(bw, [a.name for a in aliases])
     need = MIN_BITS[rec.consumer] if kind == "quant" else 1
     why = f"read by {rec.consumer_op} in the backward ({rec.consumer}): needs >= {need} bits" if need > 1 else ""
+    if rec.consumer == "select":
+        rec.kind = "skip"
+        return skip(f"read by {rec.consumer_op} in the backward (select): picks elements by value, kept exact")
     if need > max(config.bits):  # no width fine enough: it stays exact
         rec.kind = "skip"
         return skip(f"{why}, bits={list(config.bits)} allow none")

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 aten = torch.ops.aten
+SPLIT_RELU = "actc_split_relu"  # meta key of a backward relu that split_relus rewrote
 COMPARISONS = (aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar, aten.eq.Scalar, aten.ne.Scalar)
 
 
@@ -45,32 +46,33 @@ def split_relus(fw: fx.GraphModule, bw: fx.GraphModule) -> int:
     ReLU's own backward, ``le(relu(v), 0)``, reads the same ``le(v, 0)`` (NaN and -0.0 included), so one mask
     serves both; other comparisons keep reading the ReLU, which the forward holds too.
 
+    The ReLU node is rewritten in place and keeps its name: the recomputed nodes after it (a residual add, a
+    max-pool) then still match their forward twins by name, and ``_same_in_forward`` takes it for the
+    forward's ReLU, so comparisons of it move too.
+
     Before: bw: relu_1 = aten.relu(addmm_1);  le_3 = aten.le.Scalar(relu_1, 0)
                 where_2 = aten.where.self(le_3, full, mm);  mm_1 = aten.mm(permute, relu_1)
-    After:  bw: le_5 = aten.le.Scalar(addmm_1, 0);  where_6 = aten.where.ScalarSelf(le_5, 0.0, addmm_1)
-                where_2 = aten.where.self(le_5, full, mm);  mm_1 = aten.mm(permute, where_6)
+    After:  bw: le_5 = aten.le.Scalar(addmm_1, 0);  relu_1 = aten.where.ScalarSelf(le_5, 0.0, addmm_1)
+                where_2 = aten.where.self(le_5, full, mm);  mm_1 = aten.mm(permute, relu_1)
     """
     fw_nodes = {n.name: n for n in fw.graph.nodes}
     bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
     split = 0
-    for relu in bw.graph.find_nodes(op="call_function", target=aten.relu.default):
+    for relu in list(bw.graph.find_nodes(op="call_function", target=aten.relu.default)):
         v = relu.args[0]
         if (not _same_in_forward(v, fw_nodes, bw_ph) or not isinstance(v.meta.get("val"), torch.Tensor)
                 or all(user.target in COMPARISONS for user in relu.users)):  # read for its mask alone: as it is
             continue
         with bw.graph.inserting_before(relu):
             le = bw.graph.call_function(aten.le.Scalar, (v, 0))
-            where = bw.graph.call_function(aten.where.ScalarSelf, (le, 0.0, v))
         le.meta["val"] = aten.le.Scalar(v.meta["val"], 0)
-        where.meta["val"] = relu.meta["val"]
         for user in list(relu.users):
             if user.target is aten.le.Scalar and user.args[1] == 0:  # ReLU's own backward: relu(v) <= 0 iff v <= 0
                 user.replace_all_uses_with(le)
                 bw.graph.erase_node(user)
-            elif user.target not in COMPARISONS:  # the others stay on relu, which the forward holds
-                user.replace_input_with(relu, where)
-        if not relu.users:
-            bw.graph.erase_node(relu)
+        # in place: the node keeps its name, so the recomputed nodes after it still match their forward twins
+        relu.target, relu.args = aten.where.ScalarSelf, (le, 0.0, v)
+        relu.meta[SPLIT_RELU] = True
         split += 1
     if split:
         bw.graph.lint()
@@ -164,9 +166,11 @@ def _same_in_forward(node, fw_nodes: dict, bw_ph: dict) -> bool:
     if node.op == "placeholder":
         return node.name in bw_ph
     twin = fw_nodes[node.name]
+    names = lambda args: [a.name if isinstance(a, fx.Node) else a for a in args]  # noqa: E731
+    if node.meta.get(SPLIT_RELU):  # where(v <= 0, 0, v), the forward's relu(v)
+        return twin.target is aten.relu.default and names(node.args[2:]) == names(twin.args)
     if node.op != "call_function" or twin.op != "call_function" or twin.target is not node.target:
         return False
-    names = lambda args: [a.name if isinstance(a, fx.Node) else a for a in args]  # noqa: E731
     return names(node.args) == names(twin.args) and node.kwargs.keys() == twin.kwargs.keys()
 
 

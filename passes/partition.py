@@ -1,6 +1,6 @@
 """The custom partitioner: Inductor's min-cut partition, then compression of what it saves.
 
-    joint graph ─ keep_random_saved ─ min_cut_rematerialization_partition ─▶ (fw, bw)   stock; applies
+    joint graph ─ keep_saved ─ min_cut_rematerialization_partition ─▶ (fw, bw)   stock; applies
                 │                                                                      the recompute budget
                 └ recomputed_by_inductor ─▶ recompute_from_saved ─▶ split_relus ─▶ find_candidates
                   ─▶ hoist_comparisons
@@ -67,7 +67,7 @@ class ActcPartitioner(compat.CustomPartitionerFn):
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any):
         needs_grad = _primals_needing_grad(gm, kwargs["num_fwd_outputs"])
-        compat.keep_random_saved(gm)  # a recompute budget must never redraw dropout's mask in the backward
+        compat.keep_saved(gm)  # a recompute budget must never redraw dropout or re-pick a max-pool
         at_full = _backward_at_full_budget(gm, joint_inputs, kwargs)
         fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         key = _graph_key(fw, self.graph)

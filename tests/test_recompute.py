@@ -64,14 +64,14 @@ def test_recompute_budget_resolution():
     assert ActcConfig().recompute_budget(1.0) == ActcConfig().recompute_budget(1.0)  # RECOMPUTE_DEFAULT
 
 
-def test_keep_random_saved_tags_only_untagged_random_draws():
+def test_keep_saved_tags_only_untagged_random_draws():
     def f(x, y):
         return x * (torch.ops.aten.rand_like.default(x) > 0.5) + torch.ops.aten.rand_like.default(y)
 
     gm = make_fx(f)(torch.randn(8), torch.randn(8))
     draws = [n for n in gm.graph.nodes if n.target is torch.ops.aten.rand_like.default]
     draws[1].meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE  # a user's checkpoint policy stays
-    assert compat.keep_random_saved(gm) == [draws[0]]
+    assert compat.keep_saved(gm) == [draws[0]]
     assert draws[0].meta["recompute"] == CheckpointPolicy.MUST_SAVE
     assert draws[1].meta["recompute"] == CheckpointPolicy.PREFER_RECOMPUTE
     assert all("recompute" not in n.meta for n in gm.graph.nodes if n not in draws)
