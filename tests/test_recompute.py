@@ -147,3 +147,45 @@ def test_the_cache_key_follows_the_recompute_budget():
     with compat.recompute_budget(0.3):
         at_03 = partitioner.uuid()
     assert at_03 != partitioner.uuid()
+
+
+# ------------------------------------------------------------------------------------------------ picks
+def _pool_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1))
+
+
+def test_max_pool_is_saved_not_recomputed():
+    """At the default recompute budget Inductor would recompute conv -> BN -> ReLU -> max-pool in the backward,
+    from a conv output that actc compresses: the pool would pick other elements than the forward did.
+    compat.keep_saved keeps the pool's outputs saved instead: no max-pool in the backward, its int8 offsets
+    exact, its values compressed (a conv's weight gradient reads them linearly)."""
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    (plan,) = actc.explain(_pool_net(), x, min_bytes=1024).plans
+    # the backward only turns the saved offsets into indices (_low_memory_max_pool_offsets_to_indices)
+    assert not any(op in plan.backward_code for op in ("max_pool_with_offsets.", "max_pool2d_with_indices."))
+    offsets = [t for t in plan.tensors if t.dtype == "int8"]
+    assert offsets and all(t.kind == "skip" and "kept exact" in t.reason for t in offsets)
+    pooled = [t for t in plan.tensors if t.shape == "(8, 8, 14, 14)" and t.dtype == "float32"]
+    assert pooled and all(t.kind == "quant" for t in pooled), [(t.name, t.kind, t.reason) for t in pooled]
+
+
+def test_a_checkpointed_max_pool_keeps_its_input_exact():
+    """Under activation checkpointing the backward recomputes the pool whatever the budget (the user's tags
+    win over keep_saved): the tensor it pools stays exact, named in the plan (candidates' class 'select')."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1))
+
+        def forward(self, x):
+            return checkpoint(self.block, torch.tanh(x), use_reentrant=False)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 8, 16, 16, requires_grad=True)
+    (plan,) = actc.explain(Checkpointed(), x, min_bytes=1024).plans
+    tanh = next(t for t in plan.tensors if t.name == "tanh")
+    assert tanh.kind == "skip" and "(select)" in tanh.reason, tanh.reason
