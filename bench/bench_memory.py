@@ -9,14 +9,18 @@ costs one compile. Columns:
   saved MiB   bytes the forward keeps for the backward (actc.measure.saved_bytes: unique storages seen by
               saved_tensors_hooks, parameters, buffers and inputs left out)
   x less      inductor's saved MiB over this mode's
+  weights MiB with --autocast bf16: saved bf16 copies of the parameters (autocast casts each weight once per
+              forward and a matmul's backward keeps the copy). They are not activations, so they are counted
+              apart, as the plan counts primals, and "saved MiB" and "x less" leave them out
   compile s   the first forward, compile included (on a shared CPU, a rough figure)
 
 Modes: "inductor"; "actc default" (options={}, what users get: 2 bits on average, Inductor's recompute
 budget 0.3); "actc 2bit recompute 1.0" (compression alone). Memory does not depend on machine load.
 
-    python bench/bench_memory.py [--models gpt2,bert,llama,qwen2,t5] [--batch 2] [--seq 256] [--out results]
+    python bench/bench_memory.py [--models gpt2,bert,llama,qwen2,t5] [--batch 2] [--seq 256] [--autocast bf16]
+                                 [--out results]
 
-Prints a table and writes <out>/<device-tag>/memory.csv and memory.png.
+Prints a table and writes <out>/<device-tag>/memory.csv and memory.png (memory_bf16.* with --autocast bf16).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import time
 import torch
 
 import common
-from actc.measure import saved_bytes
+from actc.measure import _storage_key
 
 WIDTH, LAYERS, HEADS, VOCAB = 256, 4, 8, 1024
 MODES = {"inductor": ("inductor", None), "actc default": ("actc", {}),
@@ -61,7 +65,37 @@ MODELS = {  # name: (build(seq), masked-LM labels)
 }
 
 
-def measure(name: str, mode: str, batch: int, seq: int) -> dict:
+def _saved(forward, params: list[torch.Tensor], exclude: tuple) -> tuple[int, int, torch.Tensor]:
+    """(activation bytes, bytes of low-precision parameter copies, output) of ``forward()``: unique storages
+    seen by saved_tensors_hooks, as actc.measure.saved_bytes counts them. A copy is a saved tensor equal to a
+    parameter cast to its dtype (or to its transpose, for a matmul's weight)."""
+    skip = {_storage_key(t) for t in exclude}
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in skip and key[0] != 0:
+            seen[key] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+
+    def is_copy(t: torch.Tensor) -> bool:
+        if not t.is_floating_point() or t.dtype == torch.float32:
+            return False
+        for p in params:
+            cast = p.detach().to(t.dtype)
+            if t.shape == cast.shape and torch.equal(t, cast) or t.dim() == 2 and t.t().shape == cast.shape \
+                    and torch.equal(t.t(), cast):
+                return True
+        return False
+
+    copies = {k for k, t in seen.items() if is_copy(t)}
+    return (sum(k[1] for k in seen if k not in copies), sum(k[1] for k in copies), out)
+
+
+def measure(name: str, mode: str, batch: int, seq: int, autocast: torch.dtype | None = None) -> dict:
     build, masked = MODELS[name]
     backend, options = MODES[mode]
     torch._dynamo.reset()
@@ -72,14 +106,16 @@ def measure(name: str, mode: str, batch: int, seq: int) -> dict:
     kwargs = {"input_ids": x, "labels": y}
     compiled = torch.compile(model, backend=backend, options=dict(options) if options is not None else None)
     start = time.perf_counter()
-    nbytes, out = saved_bytes(lambda: compiled(**kwargs).loss, (*model.parameters(), *model.buffers(), x, y))
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        nbytes, weights, out = _saved(lambda: compiled(**kwargs).loss, list(model.parameters()),
+                                      (*model.parameters(), *model.buffers(), x, y))
     seconds = time.perf_counter() - start
     assert torch.isfinite(out), f"{name} {mode}: loss {out.item()}"
-    return dict(model=name, mode=mode, batch=batch, seq=seq, width=WIDTH, layers=LAYERS,
-                saved_mib=nbytes / 2**20, compile_s=seconds)
+    return dict(model=name, mode=mode, batch=batch, seq=seq, width=WIDTH, layers=LAYERS, saved_mib=nbytes / 2**20,
+                weights_mib=weights / 2**20, compile_s=seconds)
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(rows: list[dict], path, precision: str = "fp32") -> None:
     plt = common.pyplot()
     if plt is None:
         return
@@ -92,7 +128,7 @@ def plot(rows: list[dict], path) -> None:
         ax.bar([i + k * w for i in range(len(models))], vals, w, label=mode)
     ax.set_xticks([i + w * (len(modes) - 1) / 2 for i in range(len(models))], models)
     ax.set_ylabel("saved MiB (one training forward)")
-    ax.set_title(f"width {WIDTH}, {LAYERS} layers, batch x seq {rows[0]['batch']} x {rows[0]['seq']}, fp32",
+    ax.set_title(f"width {WIDTH}, {LAYERS} layers, batch x seq {rows[0]['batch']} x {rows[0]['seq']}, {precision}",
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -105,6 +141,7 @@ def main(argv=None) -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--autocast", choices=["bf16"], default=None, help="run the forward under CPU bf16 autocast")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(common.REPO / "results"))
     args = p.parse_args(argv)
@@ -112,24 +149,26 @@ def main(argv=None) -> None:
     common.disable_inductor_caches()
     out = common.Path(args.out) / common.device_tag(torch.device("cpu"))
     os.makedirs(out, exist_ok=True)
-    fields = ("model", "mode", "batch", "seq", "width", "layers", "saved_mib", "x_less", "compile_s")
+    fields = ("model", "mode", "batch", "seq", "width", "layers", "saved_mib", "x_less", "weights_mib", "compile_s")
+    stem = "memory_bf16" if args.autocast else "memory"
     rows, table = [], []
     for name in common.select_names(MODELS, args.models):
         for mode in common.select_names(MODES, args.modes):
-            row = measure(name, mode, args.batch, args.seq)
+            row = measure(name, mode, args.batch, args.seq, torch.bfloat16 if args.autocast else None)
             base = row if mode == "inductor" else next(
                 (r for r in rows if r["model"] == name and r["mode"] == "inductor"), None)
             row["x_less"] = base["saved_mib"] / row["saved_mib"] if base and row["saved_mib"] else None
             rows.append(row)
             print(f"{name:<6} {mode:<24} {row['saved_mib']:8.2f} MiB  {row['compile_s']:6.1f} s", flush=True)
-            table = common.merge_csv(out / "memory.csv", rows, ("model", "mode", "batch", "seq"))
-            common.write_csv(table, out / "memory.csv", fields)  # after each row: a long run keeps what it measured
-    plot(table, out / "memory.png")
+            table = common.merge_csv(out / f"{stem}.csv", rows, ("model", "mode", "batch", "seq"))
+            common.write_csv(table, out / f"{stem}.csv", fields)  # after each row: a long run keeps what it measured
+    plot(table, out / f"{stem}.png", "bf16 autocast" if args.autocast else "fp32")
     rows = table
     print()
     common.print_table(rows, [("model", "model", ""), ("mode", "mode", ""), ("saved MiB", "saved_mib", ".2f"),
-                              ("x less", "x_less", ".1f"), ("compile s", "compile_s", ".1f")])
-    print(f"\nwrote {out / 'memory.csv'} and {out / 'memory.png'}")
+                              ("x less", "x_less", ".1f"), ("weights MiB", "weights_mib", ".2f"),
+                              ("compile s", "compile_s", ".1f")])
+    print(f"\nwrote {out / stem}.csv and .png")
 
 
 if __name__ == "__main__":
