@@ -304,15 +304,16 @@ def test_consumer_class(backward, expected):
 
 
 def test_statistics_recomputed_in_the_backward_keep_a_fine_step():
-    """The allocator never gives a stat/exp consumer fewer than 8 bits, nor a smooth one fewer than 4."""
+    """The allocator never gives a stat/exp consumer fewer than 8 bits, nor a smooth one fewer than 4; a
+    select consumer (a recomputed max-pool) no width at all: only full precision."""
     from actc.config import ActcConfig
     from actc.passes.candidates import MIN_BITS, Saved
     from actc.passes.partition import _candidate
 
-    assert MIN_BITS == {"linear": 1, "other": 1, "smooth": 4, "stat": 8, "exp": 8}
+    assert MIN_BITS == {"linear": 1, "other": 1, "smooth": 4, "stat": 8, "exp": 8, "select": 64}
     node = torch.fx.Graph().placeholder("x")
     node.meta["val"] = torch.empty(4096)
-    for consumer, widths in [("stat", [8, 32]), ("smooth", [4, 8, 32]), ("linear", [1, 2, 4, 8, 32])]:
+    for consumer, widths in [("select", [32]), ("stat", [8, 32]), ("smooth", [4, 8, 32]), ("linear", [1, 2, 4, 8, 32])]:
         rec = Saved(node=node, aliases=[node], kind="quant", numel=4096, full_bytes=4 * 4096, consumer=consumer)
         assert sorted(_candidate(rec, ActcConfig()).bytes_at_bits) == widths
 
