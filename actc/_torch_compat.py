@@ -164,13 +164,7 @@ def recompute_budget(value: float):
     return torch._functorch.config.patch(activation_memory_budget=value)
 
 
-# forward ops that pick elements by value (their indices or offsets are what the backward routes by)
-PICKS = {"_low_memory_max_pool_with_offsets", "max_pool2d_with_indices", "max_pool3d_with_indices",
-         "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d",
-         "sort", "topk", "kthvalue", "median", "mode", "max", "min"}
-
-
-def keep_saved(joint: fx.GraphModule) -> list[fx.Node]:
+def keep_saved(joint: fx.GraphModule, picks=lambda node: False) -> list[fx.Node]:
     """Tag the joint graph's random draws, and the forward's ops that pick elements by value, MUST_SAVE, so
     that the partitioner never recomputes them.
 
@@ -180,15 +174,15 @@ def keep_saved(joint: fx.GraphModule) -> list[fx.Node]:
     recomputes dropout with another mask than the forward's: a wrong gradient (cosine 0.90 on a dropout MLP,
     bench/probe_recompute_dropout.py). The seed tensor saved instead is a few int64s, and the draws that
     depend on it (``inductor_random``) replay exactly.
-    A max-pool (or max, sort, top-k) recomputed in the backward from data that actc then compresses would
+    ``picks(node)``: does the node pick elements by value (passes/candidates.SELECT_OPS)? Such an op that
+    returns indices, a max-pool (or max, sort, top-k), recomputed in the backward from data that actc then compresses would
     pick other elements than the forward did, and route the gradient there (a biased gradient, measured on
     a ConvNet at 2 bits). Saved, its indices stay exact (int8 offsets for Inductor's max-pool) and its values
     are read linearly. Nodes that already carry a policy (torch.utils.checkpoint's tags) keep it; nodes that
     depend on a tangent (the backward's own ops) are left alone. Returns the nodes tagged."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    backward = set(joint.graph.find_nodes(op="placeholder"))
-    backward = {n for n in backward if n.name.startswith("tangents")}
+    backward = {n for n in joint.graph.find_nodes(op="placeholder") if n.name.startswith("tangents")}
     tagged = []
     for node in joint.graph.nodes:
         if any(a in backward for a in node.all_input_nodes):
@@ -196,12 +190,11 @@ def keep_saved(joint: fx.GraphModule) -> list[fx.Node]:
             continue
         if node.op != "call_function" or node.meta.get("recompute") is not None:
             continue
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        picks = name in PICKS and not isinstance(node.meta.get("val"), torch.Tensor)  # with indices: a tuple
-        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()) or picks:
+        indices = picks(node) and not isinstance(node.meta.get("val"), torch.Tensor)  # with indices: a tuple
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()) or indices:
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             tagged.append(node)
-            if picks:  # what the partitioner saves are the tuple's items
+            if indices:  # what the partitioner saves are the tuple's items
                 for user in node.users:
                     if user.meta.get("recompute") is None:
                         user.meta["recompute"] = CheckpointPolicy.MUST_SAVE

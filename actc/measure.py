@@ -15,23 +15,29 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
-def saved_bytes(forward: Callable[[], Any], exclude: tuple[torch.Tensor, ...] = ()) -> tuple[int, Any]:
-    """Run ``forward()`` and return (bytes saved for backward, its output).
+def saved_storages(forward: Callable[[], Any], exclude: tuple[torch.Tensor, ...] = ()) -> tuple[dict, Any]:
+    """Run ``forward()`` and return ({(storage pointer, bytes): a tensor saved on it}, its output).
 
     ``exclude``: tensors whose storages are not activations (parameters, buffers, inputs).
     """
     skip = {_storage_key(t) for t in exclude if isinstance(t, torch.Tensor)}
-    seen: dict[tuple[int, int], int] = {}
+    seen: dict[tuple[int, int], torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in skip and key[0] != 0:
-            seen[key] = key[1]
+            seen[key] = t
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
-    return sum(seen.values()), out
+    return seen, out
+
+
+def saved_bytes(forward: Callable[[], Any], exclude: tuple[torch.Tensor, ...] = ()) -> tuple[int, Any]:
+    """Run ``forward()`` and return (bytes saved for backward, its output); ``exclude`` as in saved_storages."""
+    seen, out = saved_storages(forward, exclude)
+    return sum(nbytes for _, nbytes in seen), out
 
 
 def model_saved_bytes(model: torch.nn.Module, *inputs: Any, loss: Callable[[Any], torch.Tensor] | None = None) -> int:

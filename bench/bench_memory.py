@@ -31,7 +31,7 @@ import time
 import torch
 
 import common
-from actc.measure import _storage_key
+from actc.measure import saved_storages
 
 WIDTH, LAYERS, HEADS, VOCAB = 256, 4, 8, 1024
 MODES = {"inductor": ("inductor", None), "actc default": ("actc", {}),
@@ -66,20 +66,10 @@ MODELS = {  # name: (build(seq), masked-LM labels)
 
 
 def _saved(forward, params: list[torch.Tensor], exclude: tuple) -> tuple[int, int, torch.Tensor]:
-    """(activation bytes, bytes of low-precision parameter copies, output) of ``forward()``: unique storages
-    seen by saved_tensors_hooks, as actc.measure.saved_bytes counts them. A copy is a saved tensor equal to a
-    parameter cast to its dtype (or to its transpose, for a matmul's weight)."""
-    skip = {_storage_key(t) for t in exclude}
-    seen: dict[tuple[int, int], torch.Tensor] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in skip and key[0] != 0:
-            seen[key] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
+    """(activation bytes, bytes of low-precision parameter copies, output) of ``forward()``, the storages
+    counted as actc.measure.saved_bytes counts them. A copy is a saved tensor equal to a parameter cast to
+    its dtype (or to its transpose, for a matmul's weight)."""
+    seen, out = saved_storages(forward, exclude)
 
     def is_copy(t: torch.Tensor) -> bool:
         if not t.is_floating_point() or t.dtype == torch.float32:

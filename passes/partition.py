@@ -27,7 +27,7 @@ from actc import _torch_compat as compat
 from actc.config import AverageBits
 from actc.kernels import quant
 from actc.passes import allocate as alloc
-from actc.passes.candidates import MIN_BITS, Saved, find_candidates, op_name
+from actc.passes.candidates import MIN_BITS, SELECT_OPS, Saved, find_candidates, op_name
 from actc.passes.hoist import find_comparisons, hoist_comparisons, split_relus
 from actc.passes.reach import parameter_derived
 from actc.passes.remat import recompute_from_saved
@@ -67,7 +67,8 @@ class ActcPartitioner(compat.CustomPartitionerFn):
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any):
         needs_grad = _primals_needing_grad(gm, kwargs["num_fwd_outputs"])
-        compat.keep_saved(gm)  # a recompute budget must never redraw dropout or re-pick a max-pool
+        # a recompute budget must never redraw dropout or re-pick a max-pool
+        compat.keep_saved(gm, lambda node: op_name(node) in SELECT_OPS)
         at_full = _backward_at_full_budget(gm, joint_inputs, kwargs)
         fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         key = _graph_key(fw, self.graph)
