@@ -42,6 +42,7 @@ class CompiledGraph:
         names = ",".join(str(n.target) for n in gm.graph.find_nodes(op="placeholder"))
         self.source_key = hashlib.sha1(names.encode()).hexdigest()[:12]
         self.static = not compat.has_symbolic_inputs(gm, self.example_inputs)
+        self.activation_inputs = activation_inputs(self.example_inputs)
         self.region = None      # set by the partitioner; None when no backward graph was made (inference)
         self.version = 0
         self.fn = self._compile()
@@ -73,6 +74,18 @@ class CompiledGraph:
             return
         self.fn = fn
         self.session.recompiled(time.perf_counter() - start)
+
+
+def activation_inputs(example_inputs) -> frozenset[int]:
+    """Positions of the graph's inputs that are activations of an earlier graph: tensors that require grad and
+    are not leaves, so autograd made them in this step (the piece before this one under DDP's bucket split, or
+    the code before a graph break). The frame that passed one in usually drops it once this graph has run, and
+    then the backward's saved reference is all that keeps it alive: compressing it here frees it. Leaves
+    (parameters, buffers, the batch, a tensor made with requires_grad=True) are held by the caller, so saving
+    them costs nothing and a compressed copy would only add bytes. A non-leaf that the caller does keep costs
+    its compressed copy (1/16 of fp32 at 2 bits) and saves nothing: the price of not knowing."""
+    return frozenset(i for i, t in enumerate(example_inputs)
+                     if isinstance(t, torch.Tensor) and t.requires_grad and not t.is_leaf)
 
 
 # One session per options dict (a torch.compile call hands the same dict to every graph it compiles), and

@@ -11,6 +11,8 @@ import torch
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    if hasattr(t, "to_local"):  # a DTensor (FSDP2's sharded parameters): this process's shard
+        t = t.to_local()
     s = t.untyped_storage()
     return s.data_ptr(), s.nbytes()
 
@@ -24,6 +26,8 @@ def saved_storages(forward: Callable[[], Any], exclude: tuple[torch.Tensor, ...]
     seen: dict[tuple[int, int], torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.nn.Parameter):  # FSDP2's unsharded parameters: not in ``exclude``, not activations
+            return t
         key = _storage_key(t)
         if key not in skip and key[0] != 0:
             seen[key] = t

@@ -2,7 +2,8 @@
 
     fw outputs:  (user outs..., addmm, permute_3, gt, getitem_1 (LN rstd), primals_3, s0)
                                   │        │       │        │                  │        └ SymInt: not a tensor
-                                  │        │       │        │                  └ primal: skip
+                                  │        │       │        │                  └ primal: skip (compressed if
+                                  │        │       │        │                    an earlier graph's activation)
                                   │        │       │        └ below payoff: skip
                                   │        │       └ bool mask: exact 1-bit
                                   └────────┴ permute_3 = addmm.permute(...): one group, compressed once at addmm
@@ -217,12 +218,15 @@ def broadcast_factor(bw: fx.GraphModule, names: list[str]) -> float:
 
 def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
                     static_indices: list[int] | None, config: ActcConfig,
-                    hoisted: frozenset[str] = frozenset(), needs_grad: frozenset[str] | None = None) -> list[Saved]:
+                    hoisted: frozenset[str] = frozenset(), needs_grad: frozenset[str] | None = None,
+                    activation_inputs: frozenset[str] = frozenset()) -> list[Saved]:
     """One ``Saved`` record per saved tensor storage, in the order the forward returns them.
 
     ``hoisted``: bool masks that ``hoist_comparisons`` moved into the forward; they are always packed,
     whatever their size, since they replace the exact comparison of a compressed tensor.
     ``needs_grad``: names of the forward's primals that require grad (``grad_reach``); None: unknown.
+    ``activation_inputs``: primals that are activations of an earlier graph (``backend.activation_inputs``):
+    compressed like the forward's own tensors; every other primal is saved as it is.
     """
     outputs = list(fw.graph.find_nodes(op="output")[0].args[0])
     user_outputs = {n for n in outputs[:num_fwd_outputs] if isinstance(n, fx.Node)}
@@ -239,7 +243,7 @@ def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
 
     records = []
     for root, aliases in groups.items():
-        rec = _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted)
+        rec = _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted, activation_inputs)
         if rec.kind == "quant" and reach is not None and rec.node not in reach:
             rec.kind, rec.reason = "skip", "not an activation: computed from inputs that need no grad, kept exact"
         elif rec.kind == "quant" and rec.node in extreme:
@@ -248,7 +252,8 @@ def find_candidates(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int
     return records
 
 
-def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=frozenset()) -> Saved:
+def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=frozenset(),
+              activation_inputs=frozenset()) -> Saved:
     # A single saved view of an otherwise unsaved root is compressed as itself (fewer bytes than the root).
     if len(aliases) == 1 and aliases[0] is not root and dense_perm(aliases[0].meta["val"]) is not None:
         root = aliases[0]
@@ -262,13 +267,15 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=f
         rec.reason = reason
         return rec
 
-    if root.op == "placeholder" or root in params:
+    if (root.op == "placeholder" and root.name not in activation_inputs) or root in params:
         rec.activation = False
         if root.op == "placeholder":
             return skip("primal" if root in aliases else f"alias of primal %{root.name}")
         return skip("parameter-derived")
-    if any(a in user_outputs for a in aliases) or root in user_outputs:
-        return skip("user output")
+    # A graph output that the backward also saves is compressed too. Across DDP's bucket split or a graph
+    # break, the next graph takes it and the caller drops it, so the saved copy is what keeps it alive; a
+    # caller that keeps it pays the compressed copy (1/16 of fp32 at 2 bits) beside it.
+    returned = "returned by the graph too" if any(a in user_outputs for a in aliases) or root in user_outputs else ""
     if any(a.meta.get("saved_tensor_with_no_vc_check") for a in aliases):
         return skip("saved without version check")
     if any(a is not root and not replayable(chains[a][chains[a].index(root):]) for a in aliases if root in chains[a]):
@@ -312,5 +319,5 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=f
         rec.added = True
         rec.reason = f"exact {op_name(root)} of %{root.args[0].name}, moved from the backward"
     spread = f"broadcast x{rec.spread:g} in the backward: weighs as {rec.spread:g}x its elements" if rec.spread > 1 else ""
-    rec.reason = "; ".join(filter(None, (rec.reason, why, spread)))
+    rec.reason = "; ".join(filter(None, (rec.reason, why, spread, returned)))
     return rec

@@ -67,6 +67,7 @@ class ActcPartitioner(compat.CustomPartitionerFn):
 
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any):
         needs_grad = _primals_needing_grad(gm, kwargs["num_fwd_outputs"])
+        inputs = _activation_primals(gm, self.graph)
         # a recompute budget must never redraw dropout or re-pick a max-pool
         compat.keep_saved(gm, lambda node: op_name(node) in SELECT_OPS)
         at_full = _backward_at_full_budget(gm, joint_inputs, kwargs)
@@ -78,7 +79,7 @@ class ActcPartitioner(compat.CustomPartitionerFn):
             by_inductor = [] if at_full is None else \
                 recomputed_by_inductor(gm, at_full, bw, fw, static_indices, self.session.config.min_bytes)
             region, plan = compress(fw, bw, kwargs["num_fwd_outputs"], static_indices, self.session, key, static,
-                                    needs_grad, by_inductor)
+                                    needs_grad, by_inductor, inputs)
         except Exception as e:  # never break a training step: fall back to the stock partition
             self.session.warn_once(f"actc left a graph uncompressed after an internal error: {type(e).__name__}: {e}")
             log.debug("actc fallback", exc_info=True)
@@ -138,6 +139,25 @@ def _primals_needing_grad(joint: fx.GraphModule, num_fwd_outputs: int) -> frozen
     return frozenset(p.name for p, g in zip(primals, grads) if g is not None)
 
 
+def _activation_primals(joint: fx.GraphModule, graph) -> frozenset[str]:
+    """Names of the joint graph's primals that are activations of an earlier graph (``backend.activation_inputs``).
+    AOTAutograd makes one primal per graph input, in order; if the counts or shapes do not line up (inputs
+    deduplicated, a wrapper in between) none is named, and every input is saved as it is."""
+    if graph is None or not graph.activation_inputs:
+        return frozenset()
+    primals = [p for p in joint.graph.find_nodes(op="placeholder") if p.name.startswith("primals")]
+    if len(primals) != len(graph.example_inputs):
+        return frozenset()
+    names = set()
+    for i in graph.activation_inputs:
+        val = primals[i].meta.get("val")
+        example = graph.example_inputs[i]
+        if not isinstance(val, torch.Tensor) or val.dim() != example.dim() or val.dtype != example.dtype:
+            return frozenset()
+        names.add(primals[i].name)
+    return frozenset(names)
+
+
 def _graph_key(fw: fx.GraphModule, graph) -> str:
     """The same model region compiled again (a recompile) gets the same key, so budgets are not counted twice."""
     ops = ",".join(str(n.target) for n in fw.graph.nodes if n.op == "call_function")
@@ -146,14 +166,16 @@ def _graph_key(fw: fx.GraphModule, graph) -> str:
 
 
 def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, static_indices, session, key: str,
-             static: bool = True, needs_grad: frozenset[str] | None = None, by_inductor: list[TensorPlan] = ()):
+             static: bool = True, needs_grad: frozenset[str] | None = None, by_inductor: list[TensorPlan] = (),
+             inputs: frozenset[str] = frozenset()):
     """Find, allocate and rewrite; returns the session's region for this graph and its plan. ``by_inductor``:
     rows for what Inductor's recompute budget recomputes (``recomputed_by_inductor``)."""
     config = session.config
     recomputed = recompute_from_saved(fw, bw, num_fwd_outputs, config.min_bytes)
     if config.compress_masks:
         split_relus(fw, bw)
-    records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, needs_grad=needs_grad)
+    records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, needs_grad=needs_grad,
+                              activation_inputs=inputs)
     quants = [r for r in records if r.kind == "quant"]
     cands = [_candidate(r, config, _mask_bytes(fw, bw, r) if config.compress_masks else 0) for r in quants]
     fixed = sum(quant.mask_bytes(r.numel) if r.kind == "mask" else r.full_bytes
@@ -168,7 +190,8 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     if config.compress_masks and compressed:  # masks the backward recomputes from what is now quantized
         hoisted = hoist_comparisons(fw, bw, num_fwd_outputs, compressed)
         if hoisted:
-            records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, frozenset(hoisted), needs_grad)
+            records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, frozenset(hoisted), needs_grad,
+                                      inputs)
     if not feasible:
         need = fixed + sum(min(c.bytes_at_bits.values()) for c in cands)
         session.warn_once(f"actc: memory budget {config.memory_budget} ({budget + fixed} B for graph {region.index}) "

@@ -76,7 +76,7 @@ def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], n
                 continue
             expr = compat.sym_expr(size)
             if expr not in sym_bw:
-                with fw.graph.inserting_after(root):
+                with fw.graph.inserting_before(_first_after(fw, root)):
                     fw_sym = fw.graph.call_function(torch.ops.aten.sym_size.int, (root, i))
                 fw_sym.meta["val"] = size
                 new_syms.append(fw_sym)
@@ -225,10 +225,20 @@ def _insert_seeds(fw: fx.GraphModule, decisions: list[Decision]) -> dict[int, fx
 
 def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision, seed: fx.Node | None) -> list[fx.Node]:
     suffixes = ["bits"] if d.saved.kind == "mask" else ["codes", "meta"]
-    parts = inline(fw.graph, root.next, d.quantize_gm, [root] if seed is None else [root, seed])
+    args = [root] if seed is None else [root, seed]
+    parts = inline(fw.graph, _first_after(fw, *args), d.quantize_gm, args)
     for part, suffix in zip(parts, suffixes):
         part.name = fw.graph._graph_namespace.create_name(f"{root.name}_{suffix}", None)
     return parts
+
+
+def _first_after(fw: fx.GraphModule, *nodes: fx.Node) -> fx.Node:
+    """Where code that reads ``nodes`` goes: after the last of them, and after the placeholders (a saved
+    graph input is compressed too, with a seed drawn after it)."""
+    node = max(nodes, key=node_order(fw)).next
+    while node.op == "placeholder":
+        node = node.next
+    return node
 
 
 def _insert_dequantize(bw: fx.GraphModule, before: fx.Node, parts: list[fx.Node], dims: list, d: Decision) -> fx.Node:
