@@ -119,6 +119,9 @@ class ActcConfig:
     #                                value set in torch._functorch.config if it is not 1.0, else
     #                                RECOMPUTE_DEFAULT. What the partitioner recomputes is not saved, and the
     #                                memory budget's share for it goes to the tensors that are (more bits)
+    recompute_credit: bool = True  # an average-bits budget counts what Inductor recomputes and gives its share
+    #                                to the saved tensors (finer widths); False: it counts only what is saved,
+    #                                so recompute lowers memory instead (docs/results.md compares the two)
     allocation: str = "static"     # "adaptive" (opt-in): re-plan bits from sensitivities measured in the backward.
     #                                Static by default: on every bench model and budget adaptive kept the static
     #                                plan (docs/results.md), while its statistics add backward kernels, its
@@ -156,6 +159,7 @@ class ActcConfig:
         return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "
                 f"min_bytes={self.min_bytes} allocation={self.allocation}"
                 + (f" recompute={self.recompute:g}" if self.recompute is not None else "")
+                + ("" if self.recompute_credit else " recompute_credit=False")
                 + (f" sensitivity={self.sensitivity}" if self.allocation == "adaptive" else ""))
 
 
@@ -178,7 +182,7 @@ def _check(key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise bad("an int >= 0 (bytes)")
         return value
-    if key in ("keep_uncompressed", "compress_masks"):
+    if key in ("keep_uncompressed", "compress_masks", "recompute_credit"):
         if not isinstance(value, bool):
             raise bad("True or False")
         return value

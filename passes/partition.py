@@ -255,9 +255,10 @@ def _budget_credit(rows: list[TensorPlan], config) -> int:
     """An average-bits budget ("2bit") means the bytes of every compressible tensor at that width. The tensors
     Inductor recomputes are compressible ones it no longer saves: their share stays in the budget and buys
     more bits for the tensors that are saved. Fraction budgets count them in the uncompressed total
-    instead, and absolute budgets are bytes whatever is recomputed."""
+    instead, and absolute budgets are bytes whatever is recomputed. ``recompute_credit=False``: no share, the
+    budget counts only what is saved."""
     budget = config.memory_budget
-    if not isinstance(budget, AverageBits) or not rows:
+    if not isinstance(budget, AverageBits) or not rows or not config.recompute_credit:
         return 0
     cands = []
     for t in rows:

@@ -42,6 +42,7 @@ def test_unknown_key_suggests_the_closest():
     ("group_size", 100, "power of two"), ("group_size", 2048, "power of two"), ("group_size", True, "power of two"),
     ("bits", [3], "drawn from"), ("bits", [], "drawn from"), ("min_bytes", -1, ">= 0"),
     ("keep_uncompressed", "yes", "True or False"), ("compress_masks", 1, "True or False"), ("dump_dir", 5, "directory"),
+    ("recompute_credit", "no", "True or False"),
     ("allocation", "greedy", "'adaptive' or 'static'"), ("warmup_steps", 0, ">= 1"), ("warmup_steps", 2.5, ">= 1"),
     ("replan_every", -1, ">= 0"), ("replan_every", "often", ">= 0"),
     ("sensitivity", "adam", "'relative' or 'absolute'"),
@@ -75,7 +76,8 @@ def test_the_defaults_in_one_place():
     config = ActcConfig.from_options({}, env={})
     assert config == ActcConfig(memory_budget=AverageBits(2.0), group_size=128, bits=(1, 2, 4, 8), min_bytes=16384,
                                 keep_uncompressed=True, compress_masks=True, dump_dir=None, allocation="static",
-                                warmup_steps=20, replan_every=100, sensitivity="relative", recompute=None)
+                                warmup_steps=20, replan_every=100, sensitivity="relative", recompute=None,
+                                recompute_credit=True)
     # Inductor recomputes under a budget of 0.3 (the benches' best mode, docs/results.md) unless torch's own
     # activation_memory_budget is set or the option says otherwise
     assert (config.recompute_budget(1.0), config.recompute_budget(0.5)) == (0.3, 0.5)

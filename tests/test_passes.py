@@ -87,6 +87,17 @@ def test_default_plan_recomputes_and_spends_the_credit():
     assert plan.feasible and plan.bytes_after * 10 < plan.bytes_before
 
 
+def test_without_the_credit_recompute_lowers_memory():
+    """recompute_credit=False: the same tensors are recomputed, the saved ones keep the widths that
+    recompute=1.0 gives them, and the plan saves less than with the credit."""
+    x = torch.randn(32, 64)
+    credit, with_credit = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
+    tensors, plan = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024, recompute_credit=False))
+    pinned, _ = by_name(explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
+    assert tensors["mul_2"].kind == "recompute" and tensors["relu"].bits == pinned["relu"].bits == 2
+    assert plan.feasible and plan.bytes_after < with_credit.bytes_after
+
+
 def test_recomputed_relu_reads_an_exact_mask():
     """passes/hoist.split_relus: under activation checkpointing the backward recomputes relu(addmm(dequantized
     tanh)) and fc2's weight gradient reads it, a biased value (E[relu(z + e)] > relu(z)). It becomes
