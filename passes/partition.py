@@ -133,19 +133,23 @@ def _primals_needing_grad(joint: fx.GraphModule, num_fwd_outputs: int) -> frozen
     then one gradient per primal, None where the primal needs none. None if the counts do not line up."""
     outputs = torch.utils._pytree.arg_tree_leaves(*(n.args for n in joint.graph.find_nodes(op="output")))
     grads = outputs[num_fwd_outputs:]
-    primals = [p for p in joint.graph.find_nodes(op="placeholder") if p.name.startswith("primals")]
+    primals = _primals(joint)
     if len(grads) != len(primals):
         return None
     return frozenset(p.name for p, g in zip(primals, grads) if g is not None)
 
 
+def _primals(joint: fx.GraphModule) -> list[fx.Node]:
+    return [p for p in joint.graph.find_nodes(op="placeholder") if p.name.startswith("primals")]
+
+
 def _activation_primals(joint: fx.GraphModule, graph) -> frozenset[str]:
     """Names of the joint graph's primals that are activations of an earlier graph (``backend.activation_inputs``).
-    AOTAutograd makes one primal per graph input, in order; if the counts or shapes do not line up (inputs
-    deduplicated, a wrapper in between) none is named, and every input is saved as it is."""
+    AOTAutograd makes one primal per graph input, in order; if the counts, ranks or dtypes do not line up
+    (inputs deduplicated, a wrapper in between) none is named, and every input is saved as it is."""
     if graph is None or not graph.activation_inputs:
         return frozenset()
-    primals = [p for p in joint.graph.find_nodes(op="placeholder") if p.name.startswith("primals")]
+    primals = _primals(joint)
     if len(primals) != len(graph.example_inputs):
         return frozenset()
     names = set()

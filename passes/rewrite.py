@@ -64,10 +64,11 @@ def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], n
         if d.quantize_gm is None:
             trace_pair(d)
     seed_of = _insert_seeds(fw, [d for d in decisions if d.saved.kind != "mask"])
+    order = node_order(fw)  # of the roots and seeds, which the loop below only inserts after
 
     for d in decisions:
         root, aliases = d.saved.node, d.saved.aliases
-        fw_parts = _insert_quantize(fw, root, d, seed_of.get(id(d)))
+        fw_parts = _insert_quantize(fw, root, d, seed_of.get(id(d)), order)
         # sizes the backward needs to rebuild a dynamic shape, shared across tensors
         dims = []
         for i, size in enumerate(root.meta["val"].shape):
@@ -76,7 +77,7 @@ def rewrite(fw: fx.GraphModule, bw: fx.GraphModule, decisions: list[Decision], n
                 continue
             expr = compat.sym_expr(size)
             if expr not in sym_bw:
-                with fw.graph.inserting_before(_first_after(fw, root)):
+                with fw.graph.inserting_before(_first_after(order, root)):
                     fw_sym = fw.graph.call_function(torch.ops.aten.sym_size.int, (root, i))
                 fw_sym.meta["val"] = size
                 new_syms.append(fw_sym)
@@ -223,19 +224,19 @@ def _insert_seeds(fw: fx.GraphModule, decisions: list[Decision]) -> dict[int, fx
     return seed_of
 
 
-def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision, seed: fx.Node | None) -> list[fx.Node]:
+def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision, seed: fx.Node | None, order) -> list[fx.Node]:
     suffixes = ["bits"] if d.saved.kind == "mask" else ["codes", "meta"]
     args = [root] if seed is None else [root, seed]
-    parts = inline(fw.graph, _first_after(fw, *args), d.quantize_gm, args)
+    parts = inline(fw.graph, _first_after(order, *args), d.quantize_gm, args)
     for part, suffix in zip(parts, suffixes):
         part.name = fw.graph._graph_namespace.create_name(f"{root.name}_{suffix}", None)
     return parts
 
 
-def _first_after(fw: fx.GraphModule, *nodes: fx.Node) -> fx.Node:
-    """Where code that reads ``nodes`` goes: after the last of them, and after the placeholders (a saved
-    graph input is compressed too, with a seed drawn after it)."""
-    node = max(nodes, key=node_order(fw)).next
+def _first_after(order, *nodes: fx.Node) -> fx.Node:
+    """Where code that reads ``nodes`` goes: after the last of them (``order``: ``node_order`` of their
+    graph), and after the placeholders (a saved graph input is compressed too, with a seed drawn after it)."""
+    node = max(nodes, key=order).next
     while node.op == "placeholder":
         node = node.next
     return node

@@ -172,8 +172,8 @@ def test_2bit_losses_are_finite_and_fall(distributed):
 
 
 def test_saved_bytes_ratio_holds_across_the_split(distributed):
-    """DDP: the goal is the one-process ratio within 1.25x. FSDP2 does not cut the graph (its hooks run
-    inside it), so its ratio is the one-process one; the check is the same."""
+    """The goal (issue 14): the one-process ratio within 1.25x. DDP cuts the graph at its buckets, FSDP2's
+    hooks break it around each sharded layer; either way the tensor at a cut is an input of the next graph."""
     kind, results = distributed
     one = results[0]["one"] / results[1]["one"]  # Inductor on rank 0, actc on rank 1, the same half-batch size
     for r in results:

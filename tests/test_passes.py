@@ -91,7 +91,7 @@ def test_without_the_credit_recompute_lowers_memory():
     """recompute_credit=False: the same tensors are recomputed, the saved ones keep the widths that
     recompute=1.0 gives them, and the plan saves less than with the credit."""
     x = torch.randn(32, 64)
-    credit, with_credit = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
+    _, with_credit = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
     tensors, plan = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024, recompute_credit=False))
     pinned, _ = by_name(explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
     assert tensors["mul_2"].kind == "recompute" and tensors["relu"].bits == pinned["relu"].bits == 2
