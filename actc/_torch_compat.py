@@ -164,9 +164,9 @@ def recompute_budget(value: float):
     return torch._functorch.config.patch(activation_memory_budget=value)
 
 
-def keep_saved(joint: fx.GraphModule, picks=lambda node: False) -> list[fx.Node]:
-    """Tag the joint graph's random draws, and the forward's ops that pick elements by value, MUST_SAVE, so
-    that the partitioner never recomputes them.
+def keep_saved(joint: fx.GraphModule, picks=lambda node: False, statistic=lambda node: False) -> list[fx.Node]:
+    """Tag the joint graph's random draws, the forward's ops that pick elements by value, and its
+    normalization statistics, MUST_SAVE, so that the partitioner never recomputes them.
 
     2.13 (checked by hand): under a recompute budget below 1, ``choose_saved_values_set`` lets its knapsack
     un-ban every banned node, random ones included, and a budget of 0 recomputes everything from the inputs.
@@ -178,8 +178,11 @@ def keep_saved(joint: fx.GraphModule, picks=lambda node: False) -> list[fx.Node]
     returns indices, a max-pool (or max, sort, top-k), recomputed in the backward from data that actc then compresses would
     pick other elements than the forward did, and route the gradient there (a biased gradient, measured on
     a ConvNet at 2 bits). Saved, its indices stay exact (int8 offsets for Inductor's max-pool) and its values
-    are read linearly. Nodes that already carry a policy (torch.utils.checkpoint's tags) keep it; nodes that
-    depend on a tangent (the backward's own ops) are left alone. Returns the nodes tagged."""
+    are read linearly. ``statistic(node)``: is it a normalization's statistic (a variance, a mean of squares)?
+    Recomputed in the backward, it would be recomputed from the compressed input, and E[x̂²] = x² + Var(e)
+    does not average out, so that input would need 8 bits. Saved, it costs one value per row or channel and
+    the input is read linearly. Nodes that already carry a policy (torch.utils.checkpoint's tags) keep it;
+    nodes that depend on a tangent (the backward's own ops) are left alone. Returns the nodes tagged."""
     from torch.utils.checkpoint import CheckpointPolicy
 
     backward = {n for n in joint.graph.find_nodes(op="placeholder") if n.name.startswith("tangents")}
@@ -191,10 +194,12 @@ def keep_saved(joint: fx.GraphModule, picks=lambda node: False) -> list[fx.Node]
         if node.op != "call_function" or node.meta.get("recompute") is not None:
             continue
         indices = picks(node) and not isinstance(node.meta.get("val"), torch.Tensor)  # with indices: a tuple
-        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()) or indices:
+        stat = statistic(node)
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()) or indices or stat:
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             tagged.append(node)
-            if indices:  # what the partitioner saves are the tuple's items
+            if indices or stat and not isinstance(node.meta.get("val"), torch.Tensor):
+                # what the partitioner saves are the tuple's items
                 for user in node.users:
                     if user.meta.get("recompute") is None:
                         user.meta["recompute"] = CheckpointPolicy.MUST_SAVE

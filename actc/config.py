@@ -119,9 +119,10 @@ class ActcConfig:
     #                                value set in torch._functorch.config if it is not 1.0, else
     #                                RECOMPUTE_DEFAULT. What the partitioner recomputes is not saved, and the
     #                                memory budget's share for it goes to the tensors that are (more bits)
-    recompute_credit: bool = True  # an average-bits budget counts what Inductor recomputes and gives its share
-    #                                to the saved tensors (finer widths); False: it counts only what is saved,
-    #                                so recompute lowers memory instead (docs/results.md compares the two)
+    recompute_credit: bool = False  # an average-bits budget counts only the tensors that are saved, so what
+    #                                Inductor recomputes lowers memory. True: it counts them too and gives their
+    #                                share to the saved tensors (finer widths, 2x the memory on the benches;
+    #                                docs/results.md compares the two)
     allocation: str = "static"     # "adaptive" (opt-in): re-plan bits from sensitivities measured in the backward.
     #                                Static by default: on every bench model and budget adaptive kept the static
     #                                plan (docs/results.md), while its statistics add backward kernels, its
@@ -159,7 +160,7 @@ class ActcConfig:
         return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "
                 f"min_bytes={self.min_bytes} allocation={self.allocation}"
                 + (f" recompute={self.recompute:g}" if self.recompute is not None else "")
-                + ("" if self.recompute_credit else " recompute_credit=False")
+                + (" recompute_credit=True" if self.recompute_credit else "")
                 + (f" sensitivity={self.sensitivity}" if self.allocation == "adaptive" else ""))
 
 

@@ -32,7 +32,7 @@ import common  # noqa: E402
 from actc.measure import saved_bytes  # noqa: E402
 
 WIDTH, BATCH, WORLD = 768, 64, 2
-MODES = {"inductor": None, "actc default": {}, "actc default no credit": {"recompute_credit": False},
+MODES = {"inductor": None, "actc default": {}, "actc default + credit": {"recompute_credit": True},
          "actc 2bit recompute 1.0": {"memory_budget": "2bit", "recompute": 1.0}}
 ACTS = {"gelu": F.gelu, "relu": torch.relu}
 

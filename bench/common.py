@@ -48,8 +48,8 @@ MODES: dict[str, dict[str, Any]] = {
     "actc 0.1": dict(backend="actc", options={"memory_budget": 0.1}),
     # actc's recompute option: Inductor's recompute budget with random draws saved (dropout masks replay)
     "actc 2bit + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit", "recompute": 0.3}),
-    # the default without the recompute credit: what Inductor recomputes lowers memory, it buys no bits
-    "actc default no credit": dict(backend="actc", options={"recompute": None, "recompute_credit": False}),
+    # the default with the recompute credit (the default until 2026-12): what Inductor recomputes buys bits
+    "actc default + credit": dict(backend="actc", options={"recompute": None, "recompute_credit": True}),
     # one width for every compressed tensor (the allocator has a single choice, so nothing to re-plan)
     "actc 8bit only": dict(backend="actc", options={"memory_budget": "8bit", "bits": [8], "allocation": "static"}),
     "actc 4bit only": dict(backend="actc", options={"memory_budget": "4bit", "bits": [4], "allocation": "static"}),

@@ -126,6 +126,30 @@ def dense_perm(val: torch.Tensor) -> tuple[int, ...] | None:
     return perm
 
 
+def is_statistic(node: fx.Node) -> bool:
+    """Is this forward op a normalization's statistic: a variance (BatchNorm, LayerNorm: var_mean) or a mean or
+    sum of squares (RMSNorm), each over at least 8 elements per value? When the backward recomputes one (a
+    BatchNorm under Inductor's recompute budget), partition.py partitions again with the forward's statistics
+    saved (a few bytes per row or channel), so that their input is read linearly and not as "stat", which
+    needs 8 bits (consumer_class)."""
+    if node.op != "call_function":
+        return False
+    name = op_name(node)
+    if name in ("mean", "sum") and node.args and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        square = op_name(src) == "pow" and len(src.args) > 1 and src.args[1] == 2 \
+            or op_name(src) == "mul" and len(src.args) > 1 and src.args[0] is src.args[1] or op_name(src) == "square"
+    else:
+        square = False
+    if not (name in ("var", "var_mean", "std", "std_mean") or square):
+        return False
+    inp, out = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None, node.meta.get("val")
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(inp, torch.Tensor) or not isinstance(out, torch.Tensor) or not inp.dtype.is_floating_point:
+        return False
+    return compat.hint(inp.numel()) >= 8 * max(compat.hint(out.numel()), 1)
+
+
 def consumer_class(bw: fx.GraphModule, names: list[str]) -> tuple[str, str]:
     """(class, op) for the worst way the backward reads the tensor saved as ``names``, following its values
     through every op (a recompute in the backward included) up to comparisons, whose exact masks

@@ -2,6 +2,7 @@
 
     joint graph ─ keep_saved ─ min_cut_rematerialization_partition ─▶ (fw, bw)   stock; applies
                 │                                                                      the recompute budget
+                │ (again, with the statistics kept saved, if bw recomputes a normalization's statistics)
                 └ recomputed_by_inductor ─▶ recompute_from_saved ─▶ split_relus ─▶ find_candidates
                   ─▶ hoist_comparisons
                   ─▶ allocate (bits under the session's budget) ─▶ rewrite(fw, bw)
@@ -27,7 +28,8 @@ from actc import _torch_compat as compat
 from actc.config import AverageBits
 from actc.kernels import quant
 from actc.passes import allocate as alloc
-from actc.passes.candidates import MIN_BITS, SELECT_OPS, Saved, find_candidates, op_name
+from actc.passes.candidates import (MIN_BITS, SELECT_OPS, Saved, consumer_class, find_candidates, is_statistic,
+                                    op_name)
 from actc.passes.hoist import find_comparisons, hoist_comparisons, split_relus
 from actc.passes.reach import parameter_derived
 from actc.passes.remat import recompute_from_saved
@@ -72,6 +74,9 @@ class ActcPartitioner(compat.CustomPartitionerFn):
         compat.keep_saved(gm, lambda node: op_name(node) in SELECT_OPS)
         at_full = _backward_at_full_budget(gm, joint_inputs, kwargs)
         fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        # nor recompute a normalization's statistics from what actc compresses (a BatchNorm's var_mean)
+        if _recomputes_statistics(bw, inputs) and compat.keep_saved(gm, statistic=is_statistic):
+            fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         key = _graph_key(fw, self.graph)
         static = self.graph is None or self.graph.static
         try:
@@ -126,6 +131,15 @@ def _backward_at_full_budget(gm: fx.GraphModule, joint_inputs, kwargs) -> fx.Gra
     except Exception:  # only the plan's rows need it
         log.debug("actc: partition at recompute budget 1.0 failed", exc_info=True)
         return None
+
+
+def _recomputes_statistics(bw: fx.GraphModule, activation_primals: frozenset[str]) -> bool:
+    """Is a tensor that actc may compress (a saved activation) held to 8 bits only because the backward
+    recomputes a normalization's statistics from it (consumer class "stat")? Then saving the statistics
+    lets it go to 2 bits. Where another reader already needs 8 bits (an exponential), or the statistics
+    are recomputed from the primals (a first LayerNorm over the embeddings), the partition stays as it is."""
+    return any(consumer_class(bw, [n.name])[0] == "stat" for n in bw.graph.find_nodes(op="placeholder")
+               if not n.name.startswith(("tangents", "primals")) or n.name in activation_primals)
 
 
 def _primals_needing_grad(joint: fx.GraphModule, num_fwd_outputs: int) -> frozenset[str] | None:

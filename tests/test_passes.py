@@ -23,7 +23,7 @@ def mlp():
 def explain(model, *inputs, **options):
     """actc.explain with Inductor's recompute budget pinned at 1.0 (``recompute=1.0``): the tests here check
     how actc treats each tensor that Inductor saves, so Inductor must save them all. What the default
-    budget recomputes is checked in test_default_plan_recomputes_and_spends_the_credit and test_recompute.py."""
+    budget recomputes is checked in test_default_plan_recomputes_and_lowers_memory and test_recompute.py."""
     return actc.explain(model, *inputs, **{"recompute": 1.0, **options})
 
 
@@ -75,27 +75,27 @@ def test_gelu_output_read_only_by_a_matmul_is_recomputed():
     assert plan.bytes_before == sum(t.bytes_before for t in tensors.values() if t.activation)
 
 
-def test_default_plan_recomputes_and_spends_the_credit():
+def test_default_plan_recomputes_and_lowers_memory():
     """At the default recompute budget (config.RECOMPUTE_DEFAULT, 0.3) Inductor's partitioner itself recomputes
-    the GELU output in the backward. Its 2-bit share of the budget goes to a tensor that stays saved: the ReLU
-    output gets 8 bits where recompute=1.0 gives it 2, and the plan still meets '2bit'."""
+    the GELU output in the backward. The '2bit' budget counts only what is saved (recompute_credit=False), so
+    the saved tensors keep the widths that recompute=1.0 gives them and the recompute lowers memory."""
     x = torch.randn(32, 64)
     tensors, plan = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
     pinned, _ = by_name(explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
     assert tensors["mul_2"].kind == "recompute" and "recompute budget 0.3" in tensors["mul_2"].reason
-    assert (tensors["relu"].bits, pinned["relu"].bits) == (8, 2)
+    assert tensors["relu"].bits == pinned["relu"].bits == 2
     assert plan.feasible and plan.bytes_after * 10 < plan.bytes_before
 
 
-def test_without_the_credit_recompute_lowers_memory():
-    """recompute_credit=False: the same tensors are recomputed, the saved ones keep the widths that
-    recompute=1.0 gives them, and the plan saves less than with the credit."""
+def test_the_recompute_credit_buys_bits():
+    """recompute_credit=True: the recomputed GELU output keeps its 2-bit share of the budget, which goes to a
+    tensor that stays saved: the ReLU output gets 8 bits where the default gives it 2, the plan still meets
+    '2bit' counted over every compressible tensor, and it saves more than the default."""
     x = torch.randn(32, 64)
-    _, with_credit = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
-    tensors, plan = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024, recompute_credit=False))
-    pinned, _ = by_name(explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
-    assert tensors["mul_2"].kind == "recompute" and tensors["relu"].bits == pinned["relu"].bits == 2
-    assert plan.feasible and plan.bytes_after < with_credit.bytes_after
+    _, default = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024))
+    tensors, plan = by_name(actc.explain(mlp(), x, memory_budget="2bit", min_bytes=1024, recompute_credit=True))
+    assert tensors["mul_2"].kind == "recompute" and tensors["relu"].bits == 8
+    assert plan.feasible and plan.bytes_after > default.bytes_after
 
 
 def test_recomputed_relu_reads_an_exact_mask():
@@ -312,6 +312,24 @@ W = torch.randn(16, 16)
 ])
 def test_consumer_class(backward, expected):
     assert _consumer(backward) == expected
+
+
+@pytest.mark.parametrize("forward, expected", [
+    (lambda x: torch.var_mean(x, (0, 2), correction=0), True),   # BatchNorm: a (var, mean) per channel
+    (lambda x: (x * x).mean(-1, keepdim=True), True),              # RMSNorm: a mean of squares per row
+    (lambda x: x.pow(2).sum(-1), True),
+    (lambda x: x.mean(-1), False),                                 # a mean alone is linear in x
+    (lambda x: (x * x).sum(0), False),                             # 4 values per result: not a statistic
+])
+def test_is_statistic(forward, expected):
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from actc.passes import reach
+    from actc.passes.candidates import is_statistic
+
+    gm = make_fx(forward)(torch.randn(4, 8, 64))
+    found = [is_statistic(n) for n in gm.graph.nodes if n.op == "call_function" and reach.op_name(n) in
+             ("var_mean", "mean", "sum")]
+    assert found == [expected]
 
 
 def test_statistics_recomputed_in_the_backward_keep_a_fine_step():
