@@ -17,6 +17,11 @@ from typing import Any, Callable, Sequence  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (setup.cfg: -n 2) each worker gets its share of the cores for torch's intra-op threads:
+# two workers with a thread per core each would oversubscribe the CPU.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 from actc.measure import saved_bytes  # noqa: E402
 
 # dynamo_pgo prints a UserWarning on every compile when caches are force-disabled: noise only.
