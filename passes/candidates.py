@@ -41,10 +41,11 @@ EXP_OPS = {"exp", "exp2", "expm1", "_softmax", "_log_softmax", "logsumexp", "_lo
 SMOOTH_OPS = {"erf", "erfc", "tanh", "sigmoid", "log", "log1p", "log2", "sqrt", "rsqrt", "reciprocal", "sin",
               "cos", "gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward", "mish_backward",
               "softplus_backward", "elu_backward", "log_sigmoid_backward"}
-# Statistics of a recomputed normalization (decomposed or not).
-STAT_OPS = {"var", "var_mean", "std", "std_mean", "native_batch_norm", "_native_batch_norm_legit",
-            "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training", "_batch_norm_with_update",
-            "native_layer_norm", "native_group_norm"}
+# Statistics of a recomputed normalization (decomposed or not): the reductions, and the fused norms.
+STAT_REDUCTIONS = {"var", "var_mean", "std", "std_mean"}
+STAT_OPS = STAT_REDUCTIONS | {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                              "_native_batch_norm_legit_no_training", "_batch_norm_with_update", "native_layer_norm",
+                              "native_group_norm"}
 ELEMENTWISE = {"add", "sub", "rsub", "mul", "div", "neg", "view", "reshape", "expand", "permute", "clone",
                "convert_element_type", "squeeze", "unsqueeze"}
 # Attention backwards recompute softmax(q·kᵀ) from the saved q and k; v, out and the gradient enter linearly.
@@ -141,7 +142,7 @@ def is_statistic(node: fx.Node) -> bool:
             or op_name(src) == "mul" and len(src.args) > 1 and src.args[0] is src.args[1] or op_name(src) == "square"
     else:
         square = False
-    if not (name in ("var", "var_mean", "std", "std_mean") or square):
+    if not (name in STAT_REDUCTIONS or square):
         return False
     inp, out = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None, node.meta.get("val")
     out = out[0] if isinstance(out, (tuple, list)) else out
