@@ -90,12 +90,15 @@ def _groups(flat: torch.Tensor, group: int, fill: float) -> torch.Tensor:
 
 
 def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: torch.Tensor | None = None,
-             seed: torch.Tensor | None = None, pack_in_group: bool = False):
+             seed: torch.Tensor | None = None, triton: bool = False):
     """Quantize a 1-D tensor. Returns (codes uint8 [ng, group*bits//8], meta [ng, 2]).
 
     ``noise``: uniform [0, 1) fp32 of shape [ng, group]. Without it, ``hash_noise(seed)`` when a ``seed`` is
-    given (what the compiled graphs use), else ``torch.rand``. ``pack_in_group``: pack with
-    ``_pack_in_group`` (the same bytes; what Inductor's Triton backend fuses, see there).
+    given (what the compiled graphs use), else ``torch.rand``. Two spellings of the same bytes, one per
+    Inductor backend. ``triton=True``: the codes are packed by ``_pack_in_group`` (see there) and computed
+    from the per-group values as they are (a Triton kernel computes those once per group). Otherwise, for
+    the C++ backend: packed by ``_pack``, and computed from the stored meta read back, since a C++ kernel
+    would recompute the whole per-group chain for every vector of elements (code size and compile time).
     """
     mdt = meta_dtype(flat.dtype)
     levels = (1 << bits) - 1
@@ -109,30 +112,37 @@ def quantize(flat: torch.Tensor, bits: int, group: int = DEFAULT_GROUP, noise: t
     scale = (hi - lo_q) / levels * (1 + _SAFETY)
     # endpoint groups (module docstring); halves keep b - a finite
     big = torch.finfo(flat.dtype).max
-    special = ~torch.isfinite(lo_q) | ~torch.isfinite(scale) | (scale > torch.finfo(mdt).max) \
-        | (hi * 0.5 - lo * 0.5 > big / 4) | (hi != hi)
+    # scale >= 0, +inf or NaN (lo_q <= lo <= hi), and NaN or infinite whenever lo_q is not finite or hi is NaN
+    special = ~(scale <= torch.finfo(mdt).max) | (hi * 0.5 - lo * 0.5 > big / 4)
     a_s, b_s = _toward_zero(lo, mdt), _toward_zero(hi, mdt)
     negate = ~torch.signbit(a_s) & torch.isfinite(b_s)
     scale = torch.where(special, 0.0, scale).clamp(max=torch.finfo(mdt).max)
     scale_q = _round_to_bf16(scale) if mdt == torch.bfloat16 else scale.to(mdt).float()
-    lo_q = torch.where(special, 0.0, lo_q)
-    lo_s = torch.where(special, torch.where(negate, -b_s, b_s), lo_q).to(mdt)  # exact: representable values
-    scale_s = torch.where(special, torch.where(negate, -a_s, a_s), scale_q).to(mdt)
-    inv = torch.where(scale_q > 0, 1.0 / scale_q, torch.zeros_like(scale_q))
+    lo_s = torch.where(special, torch.where(negate, -b_s, b_s), lo_q)  # values of mdt: stored exactly
+    scale_s = torch.where(special, torch.where(negate, -a_s, a_s), scale_q)
+    meta = torch.stack([lo_s.to(mdt), scale_s.to(mdt)], dim=1)
+    # The codes are computed from (lo, scale) as stored, decoded as `dequantize` decodes them. Same values: a
+    # normal group stores lo_q and scale_q exactly; an endpoint group's stored (a, b) differ from (lo, hi)
+    # only where they are finite, and a finite endpoint is compared with x only in a finite group.
+    lo_m, s_m = (lo_s[:, None], scale_s[:, None]) if triton else (meta[:, 0:1].float(), meta[:, 1:2].float())
+    special = ~torch.isfinite(lo_m) | torch.signbit(s_m)
+    sign = torch.where(lo_m < s_m, -1.0, 1.0)
+    a, b = s_m * sign, lo_m * sign
+    inv = torch.where(s_m > 0, 1.0 / s_m, 0.0)
     xg = _groups(x, group, 0.0)
     if noise is None:
         noise = hash_noise(xg.shape, seed) if seed is not None else \
             torch.rand(xg.shape, dtype=torch.float32, device=flat.device)
-    q = torch.floor((xg - lo_q[:, None]) * inv[:, None] + noise).clamp(0, levels)
-    # endpoint codes; halves keep b - a finite when the range overflows
-    a, b, a2, b2 = lo[:, None], hi[:, None], a_s.float()[:, None] * 0.5, b_s.float()[:, None] * 0.5
-    finite = torch.isfinite(a2) & torch.isfinite(b2)
-    p = torch.where(b2 > a2, (xg * 0.5 - a2) / (b2 - a2), 0.0)
-    upper = torch.where(finite, torch.floor(p + noise) >= 1,
-                        (xg != a) & ((xg == b) | (xg != xg) | torch.isfinite(b)))
-    q = torch.where(special[:, None], torch.where(upper, float(levels), 0.0), q)
-    codes = _pack_in_group(q, bits) if pack_in_group else _pack(q.to(torch.int32), bits)
-    meta = torch.stack([lo_s, scale_s], dim=1)
+    q = torch.floor((xg - lo_m) * inv + noise).clamp(0, levels)
+    # endpoint codes (module docstring). Finite a < b: p in [0, 1], halves keep b - a finite. Otherwise the
+    # upper code goes to NaN and to x > t: t = a when a = -inf and b is finite (every other x is finite),
+    # the largest finite value when b = +inf, and +inf (NaN only) when b is NaN or a = +inf
+    a2, b2 = a * 0.5, b * 0.5
+    t = torch.where((b != b) | (a == math.inf), math.inf, torch.where(b == math.inf, torch.finfo(torch.float32).max, a))
+    upper = torch.where(torch.isfinite(a2) & torch.isfinite(b2), torch.floor((xg * 0.5 - a2) / (b2 - a2) + noise) >= 1,
+                        (xg > t) | (xg != xg))
+    q = torch.where(special, torch.where(upper, float(levels), 0.0), q)
+    codes = _pack_in_group(q, bits) if triton else _pack(q.to(torch.int32), bits)
     return codes, meta
 
 

@@ -177,7 +177,7 @@ def trace_pair(d: Decision) -> None:
         flat = quant.flatten_in_memory_order(x, perm)
         if kind == "mask":
             return (quant.pack_mask(flat),)
-        return quant.quantize(flat, d.bits, d.group, seed=seed[0], pack_in_group=compat.uses_triton(val.device))
+        return quant.quantize(flat, d.bits, d.group, seed=seed[0], triton=compat.uses_triton(val.device))
 
     def dequantize(*args):
         n_parts = 1 if kind == "mask" else 2

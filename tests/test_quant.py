@@ -38,10 +38,10 @@ def test_pack_in_group_is_the_same_bytes(bits, group):
     x[:group] = torch.linspace(-1, 1, group)  # every code, at every position of a word
     noise = torch.rand(quant.num_groups(x.numel(), group), group, generator=g)
     ref_codes, ref_meta = quant.reference_quantize(x, bits, group, noise)
-    results = [quant.quantize(x, bits, group, noise, pack_in_group=True)]
+    results = [quant.quantize(x, bits, group, noise, triton=True)]
     if group == quant.DEFAULT_GROUP:
         torch._dynamo.reset()
-        results.append(torch.compile(lambda x, n: quant.quantize(x, bits, group, n, pack_in_group=True),
+        results.append(torch.compile(lambda x, n: quant.quantize(x, bits, group, n, triton=True),
                                      backend="inductor")(x, noise))
     for codes, meta in results:
         assert torch.equal(codes, ref_codes) and torch.equal(meta, ref_meta)
@@ -168,6 +168,48 @@ def test_special_values_round_trip_exactly(dtype, bits):
     assert _same(out[~beyond], x[~beyond])
     assert torch.isfinite(out[beyond]).all() and torch.equal(out[beyond].sign(), x[beyond].sign())
     assert ((out[beyond] - x[beyond]).abs() <= x[beyond].abs() * 2**-6).all()
+
+
+def _mixed_groups(dtype: torch.dtype, group: int, count: int, seed: int) -> torch.Tensor:
+    """`count` groups, each drawn from a few of: -inf, +inf, NaN, the dtype's min and max, and ordinary values."""
+    fi = torch.finfo(dtype)
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([float("-inf"), float("inf"), float("nan"), fi.min, fi.max])
+    rows = []
+    for _ in range(count):
+        kinds = pool[torch.randperm(len(pool), generator=g)[:int(torch.randint(1, 4, (), generator=g))]]
+        row = torch.randn(group, generator=g) * 4
+        pick = torch.rand(group, generator=g) < 0.5
+        row[pick] = kinds[torch.randint(len(kinds), (int(pick.sum()),), generator=g)]
+        rows.append(row)
+    rows.append(torch.full((group,), float("inf")))  # all +inf: code 0 (a), as the reference stores it
+    return torch.stack(rows).to(dtype).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_mixed_non_finite_groups_match_reference(dtype, bits):
+    """Groups that mix ±inf, NaN and the dtype's extremes with several ordinary values (which no format of
+    this size holds): the codes and meta are still the reference's, bit for bit, eager (both spellings) and
+    compiled (C++), and each group's infinite endpoints come back exactly."""
+    group = 16
+    x = _mixed_groups(dtype, group, 48, seed=bits)
+    noise = torch.rand(x.numel() // group, group, generator=torch.Generator().manual_seed(7))
+    ref_codes, ref_meta = quant.reference_quantize(x, bits, group, noise)
+    for triton in (False, True):  # both backends' spellings
+        codes, meta = quant.quantize(x, bits, group, noise, triton=triton)
+        assert torch.equal(codes, ref_codes) and _same(meta.float(), ref_meta.float())
+    torch._dynamo.reset()
+    got_codes, got_meta = torch.compile(lambda x, n: quant.quantize(x, bits, group, n), backend="inductor",
+                                        fullgraph=True)(x, noise)
+    assert torch.equal(got_codes, codes) and _same(got_meta.float(), meta.float())
+    # a group keeps its two endpoints (least non-NaN value, greatest value or NaN); the infinite ones exactly
+    out = quant.dequantize(codes, meta, bits, x.numel(), dtype).view(-1, group)
+    xg = x.view(-1, group)
+    lo = torch.where(xg.isnan(), float("inf"), xg).amin(1, keepdim=True)
+    hi = xg.amax(1, keepdim=True)
+    ends = ((xg == lo) | (xg == hi) | (xg.isnan() & hi.isnan())) & ~xg.isfinite()
+    assert ends.any() and _same(out[ends], xg[ends])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -154,7 +154,7 @@ def test_quantizer_bit_exact_on_the_triton_path(bits: int) -> None:
     seed = torch.tensor(0x1234_5678_9ABC_DEF0 - 2**63)
 
     def round_trip(x, seed):
-        codes, meta = quant.quantize(x, bits, quant.DEFAULT_GROUP, seed=seed, pack_in_group=True)
+        codes, meta = quant.quantize(x, bits, quant.DEFAULT_GROUP, seed=seed, triton=True)
         return codes, meta, quant.dequantize(codes, meta, bits, x.numel(), x.dtype)
 
     torch._dynamo.reset()
