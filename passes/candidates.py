@@ -335,6 +335,13 @@ def _classify(root, aliases, chains, user_outputs, params, bw, config, hoisted=f
     if rec.consumer == "select":
         rec.kind = "skip"
         return skip(f"read by {rec.consumer_op} in the backward (select): picks elements by value, kept exact")
+    if rec.consumer == "exp" and root.op == "placeholder":
+        # An earlier graph's activation read by an exponential: the scores of a softmax, which may hold the
+        # -inf or finfo.min of an additive mask that the earlier graph added (extreme_values sees only this
+        # graph). No group can hold such a value beside finite ones, and exp(x) of the wrong one is silent.
+        rec.kind = "skip"
+        return skip(f"an earlier graph's activation read by {rec.consumer_op} (exp): may hold a mask's -inf "
+                    "from before the graph's start, kept exact")
     if need > max(config.bits):  # no width fine enough: it stays exact
         rec.kind = "skip"
         return skip(f"{why}, bits={list(config.bits)} allow none")

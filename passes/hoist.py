@@ -30,25 +30,32 @@ import torch
 import torch.fx as fx
 
 aten = torch.ops.aten
-SPLIT_RELU = "actc_split_relu"  # meta key of a backward relu that split_relus rewrote
+SPLIT_KINK = "actc_split_kink"  # meta key of a backward relu/clamp that split_kinks rewrote: (target, args)
 COMPARISONS = (aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar, aten.gt.Scalar, aten.eq.Scalar, aten.ne.Scalar)
+# a kink k(v) = where(compare(v, c), c, v): ReLU is clamp_min at 0, and Hardtanh, ReLU6 and clamp decompose
+# into clamp_min then clamp_max
+KINKS = {aten.relu.default: aten.le.Scalar, aten.clamp_min.default: aten.le.Scalar,
+         aten.clamp_max.default: aten.ge.Scalar}
 
 
-def split_relus(fw: fx.GraphModule, bw: fx.GraphModule) -> int:
-    """Write each backward ``relu(v)`` whose input the forward holds as ``where(le(v, 0), 0, v)``; returns
-    how many. The backward recomputes a ReLU when activation checkpointing or Inductor's recompute budget
-    replays a block, and a weight gradient may read the recomputed value. Were ``v`` rebuilt from compressed
-    data, ``relu(v + e)`` would be biased, E[relu(z + e)] > relu(z) near 0, however many steps average it.
-    Split, the comparison moves into the forward as an exact mask (``hoist_comparisons``), and
-    ``where(exact mask, 0, v + e)`` is linear in the rounding error: unbiased. Where nothing ends up
-    compressed, the two forms compute the same values (NaN, -0.0 included) in one fused kernel.
+def split_kinks(fw: fx.GraphModule, bw: fx.GraphModule) -> int:
+    """Write each backward ``relu(v)``, ``clamp_min(v, c)`` or ``clamp_max(v, c)`` whose input the forward
+    holds as ``where(le(v, c), c, v)`` (``ge`` for clamp_max; c = 0 for ReLU); returns how many. The backward
+    recomputes such a kink when activation checkpointing or Inductor's recompute budget replays a block, and
+    a weight gradient may read the recomputed value. Were ``v`` rebuilt from compressed data, ``relu(v + e)``
+    would be biased, E[relu(z + e)] > relu(z) near 0 (and a clamp near each bound), however many steps
+    average it. Split, the comparison moves into the forward as an exact mask (``hoist_comparisons``), and
+    ``where(exact mask, c, v + e)`` is linear in the rounding error: unbiased. Where nothing ends up
+    compressed, the two forms compute the same values (NaN included; a -0.0 input may come back as +0.0).
 
-    ReLU's own backward, ``le(relu(v), 0)``, reads the same ``le(v, 0)`` (NaN and -0.0 included), so one mask
-    serves both; other comparisons keep reading the ReLU, which the forward holds too.
+    A clamp_max of a split clamp_min(v, lo) with lo < c compares v itself (the same mask, as v >= c > lo):
+    Hardtanh's own backward reads le(v, lo) and ge(v, c), so its two masks serve both. ReLU's own backward,
+    ``le(relu(v), 0)``, reads the same ``le(v, 0)`` (NaN and -0.0 included); other comparisons keep reading
+    the kink, which the forward holds too.
 
-    The ReLU node is rewritten in place and keeps its name: the recomputed nodes after it (a residual add, a
+    The node is rewritten in place and keeps its name: the recomputed nodes after it (a residual add, a
     max-pool) then still match their forward twins by name, and ``_same_in_forward`` takes it for the
-    forward's ReLU, so comparisons of it move too.
+    forward's kink (SPLIT_KINK keeps the original target and arguments), so comparisons of it move too.
 
     Before: bw: relu_1 = aten.relu(addmm_1);  le_3 = aten.le.Scalar(relu_1, 0)
                 where_2 = aten.where.self(le_3, full, mm);  mm_1 = aten.mm(permute, relu_1)
@@ -58,21 +65,29 @@ def split_relus(fw: fx.GraphModule, bw: fx.GraphModule) -> int:
     fw_nodes = {n.name: n for n in fw.graph.nodes}
     bw_ph = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
     split = 0
-    for relu in list(bw.graph.find_nodes(op="call_function", target=aten.relu.default)):
-        v = relu.args[0]
-        if (not _same_in_forward(v, fw_nodes, bw_ph) or not isinstance(v.meta.get("val"), torch.Tensor)
-                or all(user.target in COMPARISONS for user in relu.users)):  # read for its mask alone: as it is
+    for node in list(bw.graph.nodes):
+        if node.op != "call_function" or node.target not in KINKS:
             continue
-        with bw.graph.inserting_before(relu):
-            le = bw.graph.call_function(aten.le.Scalar, (v, 0))
-        le.meta["val"] = aten.le.Scalar(v.meta["val"], 0)
-        for user in list(relu.users):
-            if user.target is aten.le.Scalar and user.args[1] == 0:  # ReLU's own backward: relu(v) <= 0 iff v <= 0
-                user.replace_all_uses_with(le)
-                bw.graph.erase_node(user)
+        v, c = node.args[0], (node.args[1] if len(node.args) > 1 else 0.0)
+        if (not isinstance(c, (int, float)) or not _same_in_forward(v, fw_nodes, bw_ph)
+                or not isinstance(v.meta.get("val"), torch.Tensor)
+                or all(user.target in COMPARISONS for user in node.users)):  # read for its mask alone: as it is
+            continue
+        compare, original = KINKS[node.target], (node.target, tuple(node.args))
+        inner = v.meta.get(SPLIT_KINK)
+        if compare is aten.ge.Scalar and inner and inner[0] is aten.clamp_min.default and inner[1][1] < c:
+            v = inner[1][0]  # clamp_min(u, lo) >= c iff u >= c, as c > lo (NaN: False both)
+        with bw.graph.inserting_before(node):
+            mask = bw.graph.call_function(compare, (v, c))
+        mask.meta["val"] = compare(v.meta["val"], c)
+        if node.target is aten.relu.default:
+            for user in list(node.users):
+                if user.target is aten.le.Scalar and user.args[1] == 0:  # ReLU's backward: relu(v) <= 0 iff v <= 0
+                    user.replace_all_uses_with(mask)
+                    bw.graph.erase_node(user)
         # in place: the node keeps its name, so the recomputed nodes after it still match their forward twins
-        relu.target, relu.args = aten.where.ScalarSelf, (le, 0.0, v)
-        relu.meta[SPLIT_RELU] = True
+        node.target, node.args = aten.where.ScalarSelf, (mask, float(c), node.args[0])
+        node.meta[SPLIT_KINK] = original
         split += 1
     if split:
         bw.graph.lint()
@@ -167,8 +182,9 @@ def _same_in_forward(node, fw_nodes: dict, bw_ph: dict) -> bool:
         return node.name in bw_ph
     twin = fw_nodes[node.name]
     names = lambda args: [a.name if isinstance(a, fx.Node) else a for a in args]  # noqa: E731
-    if node.meta.get(SPLIT_RELU):  # where(v <= 0, 0, v), the forward's relu(v)
-        return twin.target is aten.relu.default and names(node.args[2:]) == names(twin.args)
+    if node.meta.get(SPLIT_KINK):  # where(v <= c, c, v), the forward's relu(v) or clamp_min(v, c) (or max)
+        target, args = node.meta[SPLIT_KINK]
+        return twin.target is target and names(args) == names(twin.args)
     if node.op != "call_function" or twin.op != "call_function" or twin.target is not node.target:
         return False
     return names(node.args) == names(twin.args) and node.kwargs.keys() == twin.kwargs.keys()

@@ -3,7 +3,7 @@
     joint graph ─ keep_saved ─ min_cut_rematerialization_partition ─▶ (fw, bw)   stock; applies
                 │                                                                      the recompute budget
                 │ (again, with the statistics kept saved, if bw recomputes a normalization's statistics)
-                └ recomputed_by_inductor ─▶ recompute_from_saved ─▶ split_relus ─▶ find_candidates
+                └ recomputed_by_inductor ─▶ recompute_from_saved ─▶ split_kinks ─▶ find_candidates
                   ─▶ hoist_comparisons
                   ─▶ allocate (bits under the session's budget) ─▶ rewrite(fw, bw)
                   ─▶ insert_statistics(bw) (adaptive) ─▶ (fw', bw')
@@ -30,7 +30,7 @@ from actc.kernels import quant
 from actc.passes import allocate as alloc
 from actc.passes.candidates import (MIN_BITS, SELECT_OPS, Saved, consumer_class, find_candidates, is_statistic,
                                     op_name)
-from actc.passes.hoist import find_comparisons, hoist_comparisons, split_relus
+from actc.passes.hoist import find_comparisons, hoist_comparisons, split_kinks
 from actc.passes.reach import parameter_derived
 from actc.passes.remat import recompute_from_saved
 from actc.passes.rewrite import Decision, rewrite, trace_pair
@@ -191,7 +191,7 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     config = session.config
     recomputed = recompute_from_saved(fw, bw, num_fwd_outputs, config.min_bytes)
     if config.compress_masks:
-        split_relus(fw, bw)
+        split_kinks(fw, bw)
     records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, needs_grad=needs_grad,
                               activation_inputs=inputs)
     quants = [r for r in records if r.kind == "quant"]

@@ -151,7 +151,7 @@ def test_activation_checkpointing(checkpointed):
 def test_checkpointed_relu_unbiased_at_2bit(checkpointed):
     """Unbiased rounding: the mean 2-bit gradient's error shrinks like 1/sqrt(DRAWS), as without checkpoint.
     The backward recomputes relu(addmm(dequantized input)) and a weight gradient reads it; E[relu(z + e)] >
-    relu(z), so before passes/hoist.split_relus that gradient was ~10% too large on average (2.85x the
+    relu(z), so before passes/hoist.split_kinks that gradient was ~10% too large on average (2.85x the
     unbiased error; now 1.0x, as without checkpoint)."""
     # test_end_to_end's criterion (within 1.5x of the unbiased value)
     runs, draws = checkpointed

@@ -1,6 +1,7 @@
 """The passes, checked on the rewritten graphs and their plans: which tensors, which bits, how many bytes."""
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_the_recompute_credit_buys_bits():
 
 
 def test_recomputed_relu_reads_an_exact_mask():
-    """passes/hoist.split_relus: under activation checkpointing the backward recomputes relu(addmm(dequantized
+    """passes/hoist.split_kinks: under activation checkpointing the backward recomputes relu(addmm(dequantized
     tanh)) and fc2's weight gradient reads it, a biased value (E[relu(z + e)] > relu(z)). It becomes
     where(addmm <= 0, 0, addmm) with the comparison moved into the forward as an exact mask, which the
     ReLU's own backward reads too: one mask, and no relu of dequantized data left in the backward."""
@@ -118,6 +119,33 @@ def test_recomputed_relu_reads_an_exact_mask():
     assert tensors["tanh"].kind == "quant" and [n for n, t in tensors.items() if t.kind == "mask"] == ["addmm_le"]
     assert "addmm_le_bits" in plan.backward_code.split("def forward(")[1].split(")")[0]
     assert "aten.relu" not in plan.backward_code and "aten.where.ScalarSelf(" in plan.backward_code
+
+
+@pytest.mark.parametrize("act,bounds", [(nn.ReLU6(), (0.0, 6.0)), (nn.Hardtanh(-0.5, 0.5), (-0.5, 0.5))])
+def test_recomputed_clamp_reads_exact_masks(act, bounds):
+    """passes/hoist.split_kinks on Hardtanh and ReLU6 (clamp_min then clamp_max): the checkpointed backward
+    recomputes clamp(addmm(dequantized tanh)) for fc2's weight gradient, biased near each bound like a ReLU.
+    Both clamps become where(exact mask, bound, value), and the masks are the two that Hardtanh's own
+    backward reads (addmm <= lo, addmm >= hi): no clamp of dequantized data left, no third mask."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(64, 256), act, nn.Linear(256, 64))
+
+        def forward(self, x):
+            return checkpoint(self.block, torch.tanh(x), use_reentrant=False)
+
+    torch.manual_seed(0)
+    tensors, plan = by_name(explain(Checkpointed(), torch.randn(64, 64, requires_grad=True), min_bytes=1024))
+    assert tensors["tanh"].kind == "quant"
+    assert sorted(n for n, t in tensors.items() if t.kind == "mask") == ["addmm_ge", "addmm_le"]
+    code = plan.backward_code
+    lo, hi = bounds
+    assert "clamp_min.default(addmm," not in code and "clamp_max.default(clamp_min," not in code
+    assert re.search(rf"clamp_min = torch.ops.aten.where.ScalarSelf\(\w+, {lo}, addmm\)", code)
+    assert re.search(rf"clamp_max = torch.ops.aten.where.ScalarSelf\(\w+, {hi}, clamp_min\)", code)
 
 
 def test_masks_are_one_bit():
