@@ -164,6 +164,21 @@ def recompute_budget(value: float):
     return torch._functorch.config.patch(activation_memory_budget=value)
 
 
+def _draws(node: fx.Node) -> bool:
+    """Does the node draw random numbers? An op tagged nondeterministic_seeded does, unless its ``dropout_p``
+    argument is 0 (2.13 tags every attention op, _scaled_dot_product_flash_attention_for_cpu included, for
+    its optional dropout): recomputed then, it gives the same values, as Inductor's own partition assumes."""
+    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    if "dropout_p" not in names:
+        return True
+    i = names.index("dropout_p")
+    p = node.kwargs.get("dropout_p", node.args[i] if i < len(node.args) else schema.arguments[i].default_value)
+    return not (isinstance(p, (int, float)) and p == 0)
+
+
 def keep_saved(joint: fx.GraphModule, picks=lambda node: False, statistic=lambda node: False) -> list[fx.Node]:
     """Tag the joint graph's random draws, the forward's ops that pick elements by value, and its
     normalization statistics, MUST_SAVE, so that the partitioner never recomputes them.
@@ -195,7 +210,7 @@ def keep_saved(joint: fx.GraphModule, picks=lambda node: False, statistic=lambda
             continue
         indices = picks(node) and not isinstance(node.meta.get("val"), torch.Tensor)  # with indices: a tuple
         stat = statistic(node)
-        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()) or indices or stat:
+        if _draws(node) or indices or stat:
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
             tagged.append(node)
             if indices or stat and not isinstance(node.meta.get("val"), torch.Tensor):

@@ -77,6 +77,24 @@ def test_keep_saved_tags_only_untagged_random_draws():
     assert all("recompute" not in n.meta for n in gm.graph.nodes if n not in draws)
 
 
+@pytest.mark.parametrize("dropout_p,tagged", [(0.0, False), (0.1, True)])
+def test_attention_without_dropout_may_be_recomputed(dropout_p, tagged):
+    """torch tags every attention op nondeterministic_seeded for its optional dropout. At dropout_p = 0 it
+    draws nothing, so keep_saved leaves it to the partitioner, which recomputes it under a budget as
+    Inductor's own partition does (before, actc saved the attention output and its logsumexp that Inductor
+    recomputes, a quantize kernel more per layer on the Triton path). With dropout it stays MUST_SAVE."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert torch.Tag.nondeterministic_seeded in op.tags
+
+    def f(q, k, v):
+        return op(q, k, v, dropout_p)[0]
+
+    q = torch.randn(1, 2, 8, 4)
+    gm = make_fx(f, tracing_mode="fake")(q, q.clone(), q.clone())  # the CPU kernel itself refuses dropout
+    (attention,) = [n for n in gm.graph.nodes if n.target is op]
+    assert compat.keep_saved(gm) == ([attention] if tagged else [])
+
+
 def test_actc_seeds_draw_after_the_graph_seeds(inductor_step):
     """At a budget that keeps one tensor exact and quantizes another, Inductor's scheduler emitted actc's seed
     draw before dropout's, so every dropout mask changed (gradient cosine 0.91). The seed call now takes the
