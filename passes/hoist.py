@@ -69,8 +69,10 @@ def split_kinks(fw: fx.GraphModule, bw: fx.GraphModule) -> int:
         if node.op != "call_function" or node.target not in KINKS:
             continue
         v, c = node.args[0], (node.args[1] if len(node.args) > 1 else 0.0)
-        if (not isinstance(c, (int, float)) or not _same_in_forward(v, fw_nodes, bw_ph)
-                or not isinstance(v.meta.get("val"), torch.Tensor)
+        val = v.meta.get("val") if isinstance(v, fx.Node) else None
+        if (not isinstance(c, (int, float)) or isinstance(c, bool) or not isinstance(val, torch.Tensor)
+                or not val.is_floating_point()  # an integer clamp (positions, buckets) reads no compressed data
+                or not _same_in_forward(v, fw_nodes, bw_ph)
                 or all(user.target in COMPARISONS for user in node.users)):  # read for its mask alone: as it is
             continue
         compare, original = KINKS[node.target], (node.target, tuple(node.args))
@@ -182,7 +184,7 @@ def _same_in_forward(node, fw_nodes: dict, bw_ph: dict) -> bool:
         return node.name in bw_ph
     twin = fw_nodes[node.name]
     names = lambda args: [a.name if isinstance(a, fx.Node) else a for a in args]  # noqa: E731
-    if node.meta.get(SPLIT_KINK):  # where(v <= c, c, v), the forward's relu(v) or clamp_min(v, c) (or max)
+    if node.meta.get(SPLIT_KINK):  # where(v <= c, c, v): the forward's relu, clamp_min or clamp_max
         target, args = node.meta[SPLIT_KINK]
         return twin.target is target and names(args) == names(twin.args)
     if node.op != "call_function" or twin.op != "call_function" or twin.target is not node.target:

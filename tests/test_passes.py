@@ -148,6 +148,30 @@ def test_recomputed_clamp_reads_exact_masks(act, bounds):
     assert re.search(rf"clamp_max = torch.ops.aten.where.ScalarSelf\(\w+, {hi}, clamp_min\)", code)
 
 
+@pytest.mark.parametrize("dtype,split", [(torch.float32, 1), (torch.int64, 0)])
+def test_split_kinks_leaves_integer_clamps(dtype, split):
+    """split_kinks on hand-built graphs: a float clamp_min recomputed in the backward from a saved tensor is
+    split; an integer one (position ids, T5's buckets) is left alone, since where(mask, 0.0, x) would turn
+    it to float and it reads no compressed data."""
+    from actc.passes.hoist import split_kinks
+
+    def graphs():
+        x = torch.arange(-4, 4).to(dtype)
+        fw, bw = torch.fx.Graph(), torch.fx.Graph()
+        for g in (fw, bw):
+            ph = g.placeholder("x")
+            ph.meta["val"] = x
+            kink = g.call_function(torch.ops.aten.clamp_min.default, (ph, 0))
+            kink.meta["val"] = x.clamp_min(0)
+            g.output((kink,))
+        return torch.fx.GraphModule({}, fw), torch.fx.GraphModule({}, bw)
+
+    fw, bw = graphs()
+    assert split_kinks(fw, bw) == split
+    targets = {n.target for n in bw.graph.nodes if n.op == "call_function"}
+    assert (torch.ops.aten.clamp_min.default in targets) == (split == 0)
+
+
 def test_masks_are_one_bit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.Dropout(0.5), nn.Linear(256, 8))
