@@ -99,23 +99,26 @@ def test_the_recompute_credit_buys_bits():
     assert plan.feasible and plan.bytes_after > default.bytes_after
 
 
+class Checkpointed(nn.Module):
+    """tanh, then Linear -> act -> Linear under torch.utils.checkpoint: the backward recomputes act(addmm)."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(64, 256), act, nn.Linear(256, 64))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, torch.tanh(x), use_reentrant=False)
+
+
 def test_recomputed_relu_reads_an_exact_mask():
     """passes/hoist.split_kinks: under activation checkpointing the backward recomputes relu(addmm(dequantized
     tanh)) and fc2's weight gradient reads it, a biased value (E[relu(z + e)] > relu(z)). It becomes
     where(addmm <= 0, 0, addmm) with the comparison moved into the forward as an exact mask, which the
     ReLU's own backward reads too: one mask, and no relu of dequantized data left in the backward."""
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
-
-        def forward(self, x):
-            return checkpoint(self.block, torch.tanh(x), use_reentrant=False)
-
     torch.manual_seed(0)
-    tensors, plan = by_name(explain(Checkpointed(), torch.randn(64, 64, requires_grad=True), min_bytes=1024))
+    tensors, plan = by_name(explain(Checkpointed(nn.ReLU()), torch.randn(64, 64, requires_grad=True), min_bytes=1024))
     assert tensors["tanh"].kind == "quant" and [n for n, t in tensors.items() if t.kind == "mask"] == ["addmm_le"]
     assert "addmm_le_bits" in plan.backward_code.split("def forward(")[1].split(")")[0]
     assert "aten.relu" not in plan.backward_code and "aten.where.ScalarSelf(" in plan.backward_code
@@ -127,18 +130,8 @@ def test_recomputed_clamp_reads_exact_masks(act, bounds):
     recomputes clamp(addmm(dequantized tanh)) for fc2's weight gradient, biased near each bound like a ReLU.
     Both clamps become where(exact mask, bound, value), and the masks are the two that Hardtanh's own
     backward reads (addmm <= lo, addmm >= hi): no clamp of dequantized data left, no third mask."""
-    from torch.utils.checkpoint import checkpoint
-
-    class Checkpointed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = nn.Sequential(nn.Linear(64, 256), act, nn.Linear(256, 64))
-
-        def forward(self, x):
-            return checkpoint(self.block, torch.tanh(x), use_reentrant=False)
-
     torch.manual_seed(0)
-    tensors, plan = by_name(explain(Checkpointed(), torch.randn(64, 64, requires_grad=True), min_bytes=1024))
+    tensors, plan = by_name(explain(Checkpointed(act), torch.randn(64, 64, requires_grad=True), min_bytes=1024))
     assert tensors["tanh"].kind == "quant"
     assert sorted(n for n, t in tensors.items() if t.kind == "mask") == ["addmm_ge", "addmm_le"]
     code = plan.backward_code
