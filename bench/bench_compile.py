@@ -88,23 +88,30 @@ class Loss(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.model(x), y)
 
 
-def workload(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """(the model wrapped so that it returns its loss, (x, y)), seeded."""
+def workload(name: str, width: int | None = None, seq: int = SEQ, batch: int | None = None
+             ) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """(the model wrapped so that it returns its loss, (x, y)), seeded. The sizes default to those above;
+    ``width`` (a multiple of 64) widens the transformers to heads of 64 and an MLP of 4x the width."""
     torch.manual_seed(0)
     if MODELS[name] is None:
         work = WORKLOADS["cpu"]["cnn"]
-        return Loss(work["build"]().train(), work["kind"]), work["inputs"](work["batch"])
+        return Loss(work["build"]().train(), work["kind"]), work["inputs"](batch or work["batch"])
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     model_type, masked, extra = MODELS[name]
-    fields = {**SIZE, **extra}
+    fields = {**SIZE, **extra, "max_position_embeddings": 2 * seq}
+    if width is not None:
+        heads = width // 64
+        fields.update(hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads)
+        fields.update({k: {"num_key_value_heads": heads, "head_dim": 64, "hidden_dim": 4 * width}[k]
+                       for k in extra})
     if "hidden_dim" in extra:
         del fields["intermediate_size"]
     config = AutoConfig.for_model(model_type, **fields)
     auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
     model = auto.from_config(config, attn_implementation="sdpa")
     model.config.use_cache = False
-    return Loss(model.train(), "hf"), common.token_batch(BATCH, SEQ, VOCAB, masked)
+    return Loss(model.train(), "hf"), common.token_batch(batch or BATCH, seq, VOCAB, masked)
 
 
 def nonempty_lines(codes: list[str]) -> int:
@@ -220,29 +227,8 @@ def print_goals(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path, title: str) -> bool:
     """Three panels: cold s, warm s and code lines per model, one bar per mode."""
-    plt = common.pyplot()
-    if plt is None:
-        return False
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(models) * len(modes) + 2))
-    for ax, (key, label) in zip(axes, (("cold_s", "cold first step, s"), ("warm_s", "warm first step, s"),
-                                       ("code_lines", "generated code, non-empty lines"))):
-        height = 0.8 / len(modes)
-        for i, mode in enumerate(modes):
-            values = [next((r.get(key) or 0.0 for r in rows if r["model"] == m and r["mode"] == mode), 0.0)
-                      for m in models]
-            ax.barh([j + i * height for j in range(len(models))], values, height, label=mode)
-        ax.set_yticks([j + 0.4 - height / 2 for j in range(len(models))], models, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_title(label, fontsize=9)
-        ax.grid(True, axis="x", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return common.grouped_bars(rows, [("cold_s", "cold first step, s"), ("warm_s", "warm first step, s"),
+                                      ("code_lines", "generated code, non-empty lines")], path, title)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -144,6 +144,18 @@ def test_added_bytes_are_the_compressed_bytes(name: str, setting: str) -> None:
         f"bytes forward/backward: actc {got}, inductor {base}, compressed {compressed}"
 
 
+@pytest.mark.parametrize("backend", ["inductor", "actc"])
+def test_scheduled_nodes_price_the_matmuls(backend: str) -> None:
+    """What bench/bench_roofline.py prices: the MLP's matmuls, each at Inductor's 2*M*N*K FLOPs (two in the
+    forward; in the backward fc2's input and weight gradients and fc1's weight gradient, the input needing
+    none), and compression adds none; every generated kernel moves bytes."""
+    with triton_cpu.scheduled_nodes() as nodes:
+        triton_cpu.forward_backward_code(MLP(), (torch.randn(32, 64),), backend, DEFAULTS if backend == "actc" else None)
+    matmuls = [n["flops"] for n in nodes if n["flops"]]
+    assert matmuls == [2 * 32 * 64 * 256] * 5
+    assert all(n["bytes"] > 0 for n in nodes if n["kind"] == "kernel")
+
+
 # ----------------------------------------------------------------------------------------------- executed
 def _run(fn, *args):
     with triton_cpu.triton_backend(execute=True):

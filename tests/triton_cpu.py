@@ -19,6 +19,9 @@ torch names, all of them in this file:
   options, whose harness does not run on the interpreter). The estimate counts its first argument twice
   whenever the kernel dropped an in-place buffer (``RemovedArg`` entries count as in-place arguments), so it
   is taken with those entries left out.
+- ``Scheduler.codegen`` (only inside ``scheduled_nodes()``): wrapped to record, for every node left after
+  fusion, what Inductor's own GPU roofline (``BaseSchedulerNode._get_estimated_runtime``, which returns 0 off
+  the GPU) reads: ``estimate_flops()`` and ``get_read_write_buffers_sizes()``, with the output's dtype.
 
 Running kernels needs TRITON_INTERPRET=1 in the environment before triton is first imported (triton jit's its
 own helpers at import), so the tests that use this run in a process of their own.
@@ -87,6 +90,30 @@ def triton_backend(execute: bool = False):
         if not execute:
             stack.enter_context(mock.patch.object(heuristics.CachingAutotuner, "run", _zero_integer_tensors))
         yield
+
+
+@contextlib.contextmanager
+def scheduled_nodes():
+    """Record every scheduled (fused) node of the graphs compiled inside this block: yields a list that fills
+    with dicts {kind: "extern" | "kernel", flops: int, bytes: int, dtype: torch.dtype | None}, forward
+    graphs before their backward. Kernels that only alias or reinterpret buffers (no-ops) are left out."""
+    from torch._inductor import scheduler
+
+    nodes: list[dict] = []
+    codegen = scheduler.Scheduler.codegen
+
+    def recording(self):
+        for node in self.nodes:
+            if isinstance(node, scheduler.NopKernelSchedulerNode):
+                continue
+            outputs = node.get_outputs()
+            dtype = outputs[0].node.maybe_get_dtype() if outputs else None
+            nodes.append(dict(kind="extern" if node.is_extern() else "kernel", flops=node.estimate_flops() or 0,
+                              bytes=node.get_read_write_buffers_sizes() or 0, dtype=dtype))
+        return codegen(self)
+
+    with mock.patch.object(scheduler.Scheduler, "codegen", recording):
+        yield nodes
 
 
 def kernels(code: str) -> list[str]:
