@@ -154,22 +154,14 @@ def register_torch_log(name: str) -> None:
         register_log(name, name)
 
 
-# 2.11, 2.13: Inductor's recompute budget (torch._functorch.config.activation_memory_budget) and its
-# aggressive_recomputation flag, read by the stock partitioner when it runs, so a patch around compile_fx
-# applies to that compile alone. At budget 1.0 with the flag on, choose_saved_values_set runs one min-cut with
-# its recompute bans off (ops used far apart, long fusible chains, ops the backward materializes, ops off its
-# allowlist) except the ban on reductions, and no knapsack: it recomputes what fuses into the backward's
-# kernels and never a matmul or convolution. actc names that setting "fusible" (config.FUSIBLE).
-def inductor_recompute_budget() -> float | str:
-    config = torch._functorch.config
-    budget = float(config.activation_memory_budget)
-    return "fusible" if budget >= 1.0 and config.aggressive_recomputation else budget
+# 2.11, 2.13: Inductor's recompute budget (torch._functorch.config.activation_memory_budget), read by the
+# stock partitioner when it runs, so a patch around compile_fx applies to that compile alone.
+def inductor_recompute_budget() -> float:
+    return float(torch._functorch.config.activation_memory_budget)
 
 
-def recompute_budget(value: float | str):
-    if value == "fusible":
-        return torch._functorch.config.patch(activation_memory_budget=1.0, aggressive_recomputation=True)
-    return torch._functorch.config.patch(activation_memory_budget=value, aggressive_recomputation=False)
+def recompute_budget(value: float):
+    return torch._functorch.config.patch(activation_memory_budget=value)
 
 
 def _draws(node: fx.Node) -> bool:

@@ -27,9 +27,6 @@ RECOMPUTE_ON = 0.3  # what recompute=True means: Inductor's activation_memory_bu
 # without the option (and with torch's own budget left at 1.0): on both convergence benches it beat
 # recompute=1.0 on quality at the same or less memory (docs/results.md)
 RECOMPUTE_DEFAULT = RECOMPUTE_ON
-FUSIBLE = "fusible"  # recompute only what fuses into the backward's kernels, never a matmul or convolution
-# (_torch_compat.recompute_budget): no FLOPs added, so the GPU step of bench_roofline.py stays near
-# recompute=1.0's, with more of the memory and quality of the 0.3 budget (docs/results.md)
 MIN_BUDGET_BYTES = 1024  # an absolute budget below 1 KiB is almost surely a slip for '1bit' or 1.0
 BUDGET_FORMS = "average bits like '2bit' (1 to 8), a fraction of the saved bytes like 0.1 (0 < f <= 1), " \
                "or absolute bytes like '512MB', '1.5GiB' or an int"
@@ -117,11 +114,11 @@ class ActcConfig:
     keep_uncompressed: bool = True  # the allocator may leave a tensor uncompressed when the budget allows
     compress_masks: bool = True    # bool masks (ReLU, dropout) packed to exact 1-bit
     dump_dir: str | None = None    # write every graph's plan and rewritten graphs here
-    recompute: float | str | None = None  # Inductor's recompute budget for actc's graphs (activation_memory_
-    #                                budget, 0 < f <= 1; 1.0 recomputes only what Inductor always does), or
-    #                                FUSIBLE. None: the setting in torch._functorch.config if it is not the
-    #                                stock one, else RECOMPUTE_DEFAULT. What the partitioner recomputes is not
-    #                                saved, and not counted in the budget (see recompute_credit)
+    recompute: float | None = None  # Inductor's recompute budget for actc's graphs (activation_memory_budget,
+    #                                0 < f <= 1; 1.0 recomputes only what Inductor always does). None: the
+    #                                value set in torch._functorch.config if it is not 1.0, else
+    #                                RECOMPUTE_DEFAULT. What the partitioner recomputes is not saved, and the
+    #                                memory budget's share for it goes to the tensors that are (more bits)
     recompute_credit: bool = False  # an average-bits budget counts only the tensors that are saved, so what
     #                                Inductor recomputes lowers memory. True: it counts them too and gives their
     #                                share to the saved tensors (finer widths, 2x the memory on the benches;
@@ -153,7 +150,7 @@ class ActcConfig:
         kwargs = {k: _check(k, v) for k, v in options.items()}
         return cls(**kwargs)
 
-    def recompute_budget(self, torch_value: float | str) -> float | str:
+    def recompute_budget(self, torch_value: float) -> float:
         """The recompute budget actc's graphs compile under, given torch's own ``activation_memory_budget``."""
         if self.recompute is not None:
             return self.recompute
@@ -162,8 +159,7 @@ class ActcConfig:
     def summary(self) -> str:
         return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "
                 f"min_bytes={self.min_bytes} allocation={self.allocation}"
-                + (f" recompute={self.recompute:g}" if isinstance(self.recompute, float) else
-                   f" recompute={self.recompute}" if self.recompute is not None else "")
+                + (f" recompute={self.recompute:g}" if self.recompute is not None else "")
                 + (" recompute_credit=True" if self.recompute_credit else "")
                 + (f" sensitivity={self.sensitivity}" if self.allocation == "adaptive" else ""))
 
@@ -206,12 +202,9 @@ def _check(key: str, value: Any) -> Any:
     if key == "recompute":
         if value is None or isinstance(value, bool):
             return None if value is None else RECOMPUTE_ON if value else 1.0
-        if value == FUSIBLE:
-            return FUSIBLE
         if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
             raise bad(f"a fraction 0 < f <= 1 of what Inductor would save (Inductor's activation_memory_budget; "
-                      f"1.0: off), {FUSIBLE!r} (only what fuses into the backward's kernels: no matmul or "
-                      f"convolution recomputed), True ({RECOMPUTE_ON}), False (1.0) or None (torch's setting, "
+                      f"1.0: off), True ({RECOMPUTE_ON}), False (1.0) or None (torch's setting, "
                       f"else {RECOMPUTE_DEFAULT})")
         return float(value)
     if key == "dump_dir":

@@ -22,8 +22,8 @@ ConvNet at batch 128. At bench_compile's sizes (width 128, sequence 128) a GPU s
 microseconds, where launch latency, which a roofline leaves out, would dominate. Modes, by their names in
 common.MODES: "inductor" (torch's defaults, no recompute budget), "inductor recompute 0.3" (Inductor's
 recompute budget alone), "actc default" (``backend="actc"``, no options: that budget of 0.3 and 2 bits),
-"actc fusible" (``recompute="fusible"``: only what fuses into the backward's kernels is recomputed) and
-"actc 2bit" (``recompute=1.0``: nothing beyond Inductor's usual).
+"actc recompute 0.5" and "actc recompute 0.1" (the default at other recompute budgets) and "actc 2bit"
+(``recompute=1.0``: nothing recomputed beyond Inductor's usual).
 
 Columns.
   launches    scheduled nodes that run: generated kernels plus extern calls (matmuls, convolutions, attention,
@@ -60,7 +60,8 @@ import triton_cpu  # noqa: E402
 BANDWIDTH = 3.0e12  # bytes/s
 PEAK = {torch.float32: 67e12, torch.bfloat16: 989.5e12, torch.float16: 989.5e12}  # FLOP/s, dense
 TF32 = 494.5e12
-MODES = ["inductor", "inductor recompute 0.3", "actc default", "actc fusible", "actc 2bit"]
+MODES = ["inductor", "inductor recompute 0.3", "actc default", "actc recompute 0.5", "actc recompute 0.1",
+         "actc 2bit"]
 FIELDS = ("device", "model", "mode", "launches", "kernels", "externs", "mb_moved", "gflop", "est_ms", "est_x",
           "tf32_ms", "tf32_x", "note")
 

@@ -4,9 +4,8 @@ Fashion-MNIST / enwiki loaders, and CSV / PNG writing. Not a script; the three s
 A mode is plain data: a name mapped to a dict with
   backend    None (plain eager, no torch.compile), "inductor" or "actc"
   options    the dict handed to torch.compile(options=...) (actc's options), or absent
-  recompute  torch._functorch.config.activation_memory_budget for the compile (Inductor's recompute budget),
-             or "fusible" (budget 1.0 with aggressive_recomputation: only ops that fuse into the backward's
-             kernels); actc rows pass actc's own "recompute" option instead, which keeps dropout's draws saved
+  recompute  torch._functorch.config.activation_memory_budget for the compile (Inductor's recompute budget;
+             actc rows pass actc's own "recompute" option instead, which keeps dropout's draws saved)
   fp8        True: PyTorch's fp8 activation pass (post_grad_fusion_options["activation_quantization_aten_pass"])
 Adding a row is one line in MODES, e.g. "actc 2bit static" below. Rows without an "allocation" option get
 actc's default allocation, "static" (one plan, never re-planned). The adaptive rows name it: bits
@@ -32,8 +31,6 @@ import torch._inductor.config  # noqa: F401
 import torch.nn as nn
 import torch.nn.functional as F
 
-from actc import _torch_compat as compat  # recompute settings, "fusible" included, as actc applies them
-
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
@@ -43,7 +40,6 @@ MODES: dict[str, dict[str, Any]] = {
     "eager": dict(backend=None),
     "inductor": dict(backend="inductor"),
     "inductor recompute 0.3": dict(backend="inductor", recompute=0.3),
-    "inductor fusible": dict(backend="inductor", recompute="fusible"),
     "inductor fp8": dict(backend="inductor", fp8=True),
     "actc default": dict(backend="actc", options={}),  # what torch.compile(model, backend="actc") gets
     "actc 8bit": dict(backend="actc", options={"memory_budget": "8bit"}),
@@ -52,8 +48,9 @@ MODES: dict[str, dict[str, Any]] = {
     "actc 0.1": dict(backend="actc", options={"memory_budget": 0.1}),
     # actc's recompute option: Inductor's recompute budget with random draws saved (dropout masks replay)
     "actc 2bit + recompute 0.3": dict(backend="actc", options={"memory_budget": "2bit", "recompute": 0.3}),
-    # the default budget, recomputing only what fuses into the backward's kernels (no matmul or convolution)
-    "actc fusible": dict(backend="actc", options={"recompute": "fusible"}),
+    # the default at other recompute budgets than its 0.3
+    "actc recompute 0.5": dict(backend="actc", options={"recompute": 0.5}),
+    "actc recompute 0.1": dict(backend="actc", options={"recompute": 0.1}),
     # the default with the recompute credit (the default until 2026-12): what Inductor recomputes buys bits
     "actc default + credit": dict(backend="actc", options={"recompute": None, "recompute_credit": True}),
     # one width for every compressed tensor (the allocator has a single choice, so nothing to re-plan)
@@ -127,7 +124,7 @@ def mode_config(mode: dict[str, Any]):
     """The torch config a mode compiles under: recompute budget, fp8 pass. Keep it open while training."""
     with contextlib.ExitStack() as stack:
         if mode.get("recompute") is not None:
-            stack.enter_context(compat.recompute_budget(mode["recompute"]))
+            stack.enter_context(torch._functorch.config.patch(activation_memory_budget=mode["recompute"]))
         if mode.get("fp8"):
             opts = dict(torch._inductor.config.post_grad_fusion_options)
             opts["activation_quantization_aten_pass"] = dict(FP8_PASS)

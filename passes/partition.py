@@ -121,9 +121,9 @@ class ActcPartitioner(compat.CustomPartitionerFn):
 
 
 def _backward_at_full_budget(gm: fx.GraphModule, joint_inputs, kwargs) -> fx.GraphModule | None:
-    """Under a recompute budget below 1 or "fusible", the backward of the stock partition at 1.0 (what Inductor
-    would save without it), to name what it recomputes; None otherwise, or if that partition fails."""
-    if compat.inductor_recompute_budget() == 1.0:
+    """Under a recompute budget below 1, the backward of the stock partition at 1.0 (what Inductor would save
+    without the budget), to name what the budget recomputes; None otherwise, or if that partition fails."""
+    if compat.inductor_recompute_budget() >= 1.0:
         return None
     try:
         with compat.recompute_budget(1.0):
@@ -254,8 +254,6 @@ def recomputed_by_inductor(joint: fx.GraphModule, at_full: fx.GraphModule, bw: f
     (``_budget_credit``); parameter-derived tensors (a weight's transpose) are not activations."""
     nodes = {n.name: n for n in joint.graph.nodes if n.op == "call_function"}
     params = {n.name for n in parameter_derived(fw, static_indices)}
-    budget = compat.inductor_recompute_budget()
-    setting = "fusible ops only" if budget == "fusible" else f"recompute budget {budget:g}"
     rows = []
     for name in sorted(_saved_names(at_full) - _saved_names(bw)):
         node = nodes.get(name)
@@ -266,7 +264,8 @@ def recomputed_by_inductor(joint: fx.GraphModule, at_full: fx.GraphModule, bw: f
         if nbytes >= max(min_bytes, 1):
             rows.append(TensorPlan(name=name, **_describe(node), producer=op_name(node), kind="recompute", bits=None,
                                    bytes_before=nbytes, bytes_after=0,
-                                   reason=f"recomputed in the backward by Inductor's partitioner ({setting})"))
+                                   reason=f"recomputed in the backward by Inductor's partitioner (recompute budget "
+                                          f"{compat.inductor_recompute_budget():g})"))
     return rows
 
 

@@ -46,13 +46,12 @@ def inductor_step():
     return _step("inductor", None)
 
 
-@pytest.mark.parametrize("value, expected", [(None, None), (True, RECOMPUTE_ON), (False, 1.0), (0.5, 0.5), (1, 1.0),
-                                             ("fusible", "fusible")])
+@pytest.mark.parametrize("value, expected", [(None, None), (True, RECOMPUTE_ON), (False, 1.0), (0.5, 0.5), (1, 1.0)])
 def test_recompute_option_values(value, expected):
     assert ActcConfig.from_options({"recompute": value}, env={}).recompute == expected
 
 
-@pytest.mark.parametrize("value", [0, 0.0, 1.5, -0.3, "0.3", [0.3], "Fusible"])
+@pytest.mark.parametrize("value", [0, 0.0, 1.5, -0.3, "0.3", [0.3]])
 def test_bad_recompute_value_names_the_option(value):
     with pytest.raises(ActcOptionError, match=r"option 'recompute': invalid value .*0 < f <= 1"):
         ActcConfig.from_options({"recompute": value}, env={})
@@ -138,26 +137,6 @@ def test_a_cheap_pointwise_tensor_is_recomputed_not_quantized():
     assert row.reason == "recomputed in the backward by Inductor's partitioner (recompute budget 0.3)"
 
 
-def test_fusible_recomputes_no_matmul():
-    """recompute="fusible": Inductor's min-cut with its recompute bans off, no knapsack. Linear -> GELU ->
-    Linear -> Tanh -> Linear: at budget 0.5 Inductor recomputes the first Linear's output (a sixth matmul in
-    the backward); "fusible" recomputes only the GELU output, from the saved pre-activation, and its backward
-    runs the five matmuls that budget 1.0 runs."""
-    plans = {}
-    for recompute in (1.0, 0.5, "fusible"):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 512), nn.GELU(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 8))
-        (plans[recompute],) = actc.explain(model, torch.randn(128, 64), memory_budget="2bit", min_bytes=1024,
-                                           recompute=recompute).plans
-    matmuls = {r: p.backward_code.count("aten.mm") + p.backward_code.count("aten.addmm") for r, p in plans.items()}
-    assert matmuls == {1.0: 5, 0.5: 6, "fusible": 5}
-    rows = {t.name: t for t in plans["fusible"].tensors}
-    assert rows["addmm"].kind == "quant"
-    assert rows["mul_2"].kind == "recompute"
-    assert rows["mul_2"].reason == "recomputed in the backward by Inductor's partitioner (fusible ops only)"
-
-
 @pytest.mark.slow  # 15-50 s on 2 cores: full suite only
 @pytest.mark.parametrize("credit", [True, False])
 def test_recomputed_tensors_keep_their_share_of_an_average_bits_budget(credit):
@@ -186,11 +165,9 @@ def test_recomputed_tensors_keep_their_share_of_an_average_bits_budget(credit):
 
 def test_the_cache_key_follows_the_recompute_budget():
     partitioner = ActcPartitioner(Session(ActcConfig.from_options({}, env={})))
-    keys = set()
-    for setting in (0.3, 1.0, "fusible"):
-        with compat.recompute_budget(setting):
-            keys.add(partitioner.uuid())
-    assert len(keys) == 3
+    with compat.recompute_budget(0.3):
+        at_03 = partitioner.uuid()
+    assert at_03 != partitioner.uuid()
 
 
 # ------------------------------------------------------------------------------------------------ picks
