@@ -78,7 +78,7 @@ def test_the_defaults_in_one_place():
                                 keep_uncompressed=True, compress_masks=True, dump_dir=None, allocation="static",
                                 warmup_steps=20, replan_every=100, sensitivity="relative", recompute=None,
                                 recompute_credit=False)
-    # Inductor recomputes under a budget of 0.3 (the benches' best mode, docs/results.md) unless torch's own
+    # Inductor recomputes under a budget of 0.3 (config.RECOMPUTE_ON, docs/results.md) unless torch's own
     # activation_memory_budget is set or the option says otherwise
     assert (config.recompute_budget(1.0), config.recompute_budget(0.5)) == (0.3, 0.5)
     assert ActcConfig.from_options({"recompute": False}, env={}).recompute_budget(1.0) == 1.0
