@@ -25,9 +25,10 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 RECOMPUTE_ON = 0.3  # what recompute=True means: Inductor's activation_memory_budget of the benches
 # without the option (and with torch's own budget left at 1.0): on both convergence benches it beat
-# recompute=1.0 on quality at the same or less memory. 0.1 beat it again on both, and on CPU step time,
-# but re-runs more matmuls: 1.23-1.36x Inductor's estimated H100 step against 0.3's 1.08-1.20x
-# (bench/bench_roofline.py), and GPU users are whom the default serves (docs/results.md)
+# recompute=1.0 on quality at the same or less memory. 0.1 saved less again on all three (half on the LMs),
+# was closer to fp32 on two (not on the larger LM) and faster on the CPU, but re-runs more matmuls:
+# 1.23-1.36x Inductor's estimated H100 step against 0.3's 1.08-1.20x (bench/bench_roofline.py), and GPU
+# users are whom the default serves (docs/results.md)
 RECOMPUTE_DEFAULT = RECOMPUTE_ON
 MIN_BUDGET_BYTES = 1024  # an absolute budget below 1 KiB is almost surely a slip for '1bit' or 1.0
 BUDGET_FORMS = "average bits like '2bit' (1 to 8), a fraction of the saved bytes like 0.1 (0 < f <= 1), " \
