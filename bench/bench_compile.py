@@ -261,8 +261,7 @@ def main(argv=None) -> int:
                 print(f"  {rows[-1]['note']}")
     out = Path(args.out) / tag
     rows = common.merge_csv(out / "compile.csv", rows, ("model", "mode"))
-    rows.sort(key=lambda r: ([*MODELS].index(r["model"]) if r["model"] in MODELS else len(MODELS),
-                             MODES.index(r["mode"]) if r["mode"] in MODES else len(MODES)))
+    common.sort_rows(rows, MODELS, MODES)
     add_ratios(rows)
     columns = [("model", "model", ""), ("mode", "mode", ""), ("cold s", "cold_s", ".1f"), ("cold x", "cold_x", ".2f"),
                ("warm s", "warm_s", ".1f"), ("warm x", "warm_x", ".2f"), ("warm hit", "warm_hit", ""),

@@ -91,6 +91,8 @@ def measure(model_name: str, mode_name: str, args: argparse.Namespace) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
+    """est x and tf32 x over the same model's "inductor" row, that row included (1.0: its bar in the plot,
+    where bench_compile's ratios leave the baseline out)."""
     for r in rows:
         base = next((b for b in rows if b["model"] == r["model"] and b["mode"] == "inductor"), None)
         for ratio, key in (("est_x", "est_ms"), ("tf32_x", "tf32_ms")):
@@ -129,8 +131,7 @@ def main(argv=None) -> int:
             rows.append(dict(device=tag, **measure(model, mode, args)))
     out = Path(args.out) / tag
     rows = common.merge_csv(out / "roofline.csv", rows, ("model", "mode"))
-    rows.sort(key=lambda r: ([*MODELS].index(r["model"]) if r["model"] in MODELS else len(MODELS),
-                             MODES.index(r["mode"]) if r["mode"] in MODES else len(MODES)))
+    common.sort_rows(rows, MODELS, MODES)
     add_ratios(rows)
     print()
     common.print_table(rows, [("model", "model", ""), ("mode", "mode", ""), ("launches", "launches", "d"),

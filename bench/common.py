@@ -345,6 +345,12 @@ def merge_csv(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
     return old + rows
 
 
+def sort_rows(rows: list[dict], models: Iterable[str], modes: Iterable[str]) -> None:
+    """Sort a bench's rows in place by model, then mode, in the order given; names not given go last."""
+    models, modes = list(models), list(modes)
+    rows.sort(key=lambda r: (models.index(r["model"]) if r["model"] in models else len(models),
+                             modes.index(r["mode"]) if r["mode"] in modes else len(modes)))
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend, or None (a printed note) when matplotlib is missing."""
     try:
