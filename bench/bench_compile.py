@@ -205,7 +205,7 @@ def measure(args: argparse.Namespace, model: str, mode: str) -> dict:
 def add_ratios(rows: list[dict]) -> None:
     """actc's (any non-inductor mode's) figures over Inductor's for the same model."""
     for r in rows:
-        base = next((b for b in rows if b["model"] == r["model"] and b["mode"] == "inductor"), None)
+        base = common.baseline(rows, r)
         if base is None or r is base:
             continue
         for ratio, key in (("cold_x", "cold_s"), ("warm_x", "warm_s"), ("code_x", "code_lines"),

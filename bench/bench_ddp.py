@@ -105,7 +105,7 @@ def main(argv=None) -> None:
         mp.spawn(worker, args=(f"file://{tmp}/store", modes, result), nprocs=WORLD, join=True)
         rows = torch.load(result)
     for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["mode"] == "inductor")
+        base = common.baseline(rows, r)
         r["one_kib"], r["ddp_kib"] = r["one"] / 1024, r["ddp"] / 1024
         r["one_x_less"], r["ddp_x_less"] = base["one"] / r["one"], base["ddp"] / r["ddp"]
         r["gap"] = r["one_x_less"] / r["ddp_x_less"]

@@ -3,7 +3,7 @@
 For each size (MiB of fp32 input) and bit width, times compress (quantize) and decompress (dequantize):
 
   inductor  torch.compile of the aten code in actc.kernels.quant, as actc's graphs run it: the noise a hash
-            of the element index and a seed tensor, computed inside the kernel (quant.hash_noise)
+            of the element index and a seed tensor, computed inside the kernel (actc.kernels.noise)
   philox    the same with the noise from torch.rand, which Inductor turns into its Philox RNG (compress
             only; what actc's graphs used before the hash)
   triton    the hand-written kernels of actc.kernels.triton_quantize / triton_dequantize (Philox in-kernel);

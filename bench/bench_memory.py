@@ -148,8 +148,7 @@ def main(argv=None) -> None:
     for name in common.select_names(MODELS, args.models):
         for mode in common.select_names(MODES, args.modes):
             row = measure(name, mode, args.batch, args.seq, torch.bfloat16 if args.autocast else None)
-            base = row if mode == "inductor" else next(
-                (r for r in rows if r["model"] == name and r["mode"] == "inductor"), None)
+            base = common.baseline([*rows, row], row)
             row["x_less"] = base["saved_mib"] / row["saved_mib"] if base and row["saved_mib"] else None
             rows.append(row)
             print(f"{name:<6} {mode:<24} {row['saved_mib']:8.2f} MiB  {row['compile_s']:6.1f} s", flush=True)

@@ -94,7 +94,7 @@ def add_ratios(rows: list[dict]) -> None:
     """est x and tf32 x over the same model's "inductor" row, that row included (1.0: its bar in the plot,
     where bench_compile's ratios leave the baseline out)."""
     for r in rows:
-        base = next((b for b in rows if b["model"] == r["model"] and b["mode"] == "inductor"), None)
+        base = common.baseline(rows, r)
         for ratio, key in (("est_x", "est_ms"), ("tf32_x", "tf32_ms")):
             r[ratio] = r[key] / base[key] if base is not None and r.get(key) and base.get(key) else None
 

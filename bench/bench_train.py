@@ -301,8 +301,7 @@ def main(argv=None) -> int:
     order = [*WORKLOADS[table]], [*common.MODES]
     rows.sort(key=lambda r: tuple(o.index(r[k]) if r[k] in o else len(o) for o, k in zip(order, ("model", "mode"))))
     for r in rows:
-        base = next((b for b in rows if b["model"] == r["model"] and b["mode"] == "inductor"
-                     and b.get("saved_mib") is not None), None)
+        base = common.baseline(rows, r, needs="saved_mib")
         if base and r.get("saved_mib") is not None:
             r["x_less"] = base["saved_mib"] / max(r["saved_mib"], 1e-9)
             r["step_ratio"] = r["step_ms"] / base["step_ms"]

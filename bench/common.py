@@ -345,6 +345,13 @@ def merge_csv(path: Path, rows: list[dict], key: tuple[str, ...]) -> list[dict]:
     return old + rows
 
 
+def baseline(rows: list[dict], row: dict, needs: str | None = None) -> dict | None:
+    """The row of ``row``'s model in mode "inductor" (with ``needs`` measured, when given), which every
+    bench's ratios are over; None when that row is missing."""
+    return next((b for b in rows if b["model"] == row["model"] and b["mode"] == "inductor"
+                 and (needs is None or b.get(needs) is not None)), None)
+
+
 def sort_rows(rows: list[dict], models: Iterable[str], modes: Iterable[str]) -> None:
     """Sort a bench's rows in place by model, then mode, in the order given; names not given go last."""
     models, modes = list(models), list(modes)

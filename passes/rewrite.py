@@ -18,7 +18,7 @@ After (2-bit codes for addmm, 1-bit pack for the bool mask gt, per-group (lo, sc
 The forward outputs and the backward placeholders change together, position for position: saved tensors
 keep their relative order, new SymInts (sizes of dynamic dims the dequantize needs) go after the
 existing ones in both graphs. Every inserted node carries ``meta["val"]``. The rounding noise is a hash of
-the element index (kernels/quant.py), keyed by one seed per quantized tensor; ``actc::seeds`` draws them
+the element index (kernels/noise.py), keyed by one seed per quantized tensor; ``actc::seeds`` draws them
 from torch's generator after the graph's own seeds (dropout's), so results follow ``torch.manual_seed``
 and the dropout masks are Inductor's.
 """

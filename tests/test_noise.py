@@ -1,4 +1,4 @@
-"""The rounding noise (kernels/quant.py ``hash_noise``, ``actc::seeds``): exact against its reference, uniform,
+"""The rounding noise (kernels/noise.py: ``hash_noise``, ``actc::seeds``): exact against its reference, uniform,
 uncorrelated between neighbours and between tensors, and drawn from torch's generator.
 
 Unbiased stochastic rounding needs u ~ U[0, 1) independent of the value it rounds; the bias argument for
@@ -14,32 +14,32 @@ import math
 import pytest
 import torch
 
-from actc.kernels import quant
+from actc.kernels import noise as rounding, quant
 
 N = 1 << 16
 SEEDS = [0, 1, 2, -1, 0x7FFF_FFFF_FFFF_FFFF, -0x1234_5678_9ABC_DEF0]  # adjacent and extreme keys too
 
 
 def noise(seed: int, numel: int = N) -> torch.Tensor:
-    return quant.hash_noise((numel,), torch.tensor(seed, dtype=torch.int64))
+    return rounding.hash_noise((numel,), torch.tensor(seed, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("seed", SEEDS[:3] + SEEDS[-1:])
 def test_matches_python_reference_exactly(seed):
-    assert torch.equal(noise(seed, 4096), quant.reference_hash_noise(seed, range(4096)))
+    assert torch.equal(noise(seed, 4096), rounding.reference_hash_noise(seed, range(4096)))
 
 
 def test_index_beyond_32_bits_does_not_repeat():
     # the index's high half enters the second round: elements 2^32 apart get other numbers
-    near, far = quant.reference_hash_noise(5, [7, 8, (1 << 32) + 7, (1 << 32) + 8]).view(2, 2)
+    near, far = rounding.reference_hash_noise(5, [7, 8, (1 << 32) + 7, (1 << 32) + 8]).view(2, 2)
     assert (near != far).all()
 
 
 def test_compiled_matches_eager_exactly():
     # integer arithmetic: Inductor's C++ kernel must give the same bits as eager
     seed = torch.tensor(SEEDS[-1], dtype=torch.int64)
-    compiled = torch.compile(lambda s: quant.hash_noise((64, 128), s), backend="inductor", dynamic=False)
-    assert torch.equal(compiled(seed), quant.hash_noise((64, 128), seed))
+    compiled = torch.compile(lambda s: rounding.hash_noise((64, 128), s), backend="inductor", dynamic=False)
+    assert torch.equal(compiled(seed), rounding.hash_noise((64, 128), seed))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
