@@ -14,13 +14,20 @@ compile workers), and any import done lazily on the way; building the model and 
   cold s      the first step with TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 (and an empty TORCHINDUCTOR_CACHE_DIR).
   warm s      the first step in a fresh process, caches enabled, after another process ran the same step with
               the same private TORCHINDUCTOR_CACHE_DIR (a temporary folder per model and mode): a rerun of
-              a user's script. warm hit: the cache hits of that timed process, AOTAutograd's and the FX graph
+              a user's script: the median of WARM_SAMPLES such processes (cold: one sample). warm hit: the cache hits
+              of that median process, AOTAutograd's and the FX graph
               cache's (hits / lookups, then the lookups that bypassed the cache, which does not take the
               graph; "aot 1/1 fx 2/2" is one forward-backward graph served whole).
   kernels     kernels in the code the cold process generated (torch._inductor.utils.run_and_get_code around
               its step): the `name = async_compile.cpp_pybinding(...)` definitions, one per fused C++ kernel.
   code lines  non-empty lines of that code: the Python wrappers of forward and backward with their C++ kernels.
   graphs      (CSV) how many wrappers it generated: 2 per graph dynamo captured, more after a graph break.
+  phases      where the cold step's seconds go, from the timers Inductor keeps for its own phases
+              (torch._dynamo.utils.compilation_time_metrics, summed over forward and backward): partition
+              (actc's partitioner, Inductor's min-cut inside it, or the min-cut alone), lowering (FX graph to
+              Inductor's IR), codegen (scheduling, fusion and writing the kernels' C++ or Triton source: Python
+              time), compiler (waiting for the C++ compiler and loading the kernels), other (dynamo's trace,
+              AOTAutograd, running the step: the rest of cold s). Printed as a second table.
   ... x       actc's figure over Inductor's for the same model: cold x, warm x, code x (and triton x).
   triton      with --triton, one more process: the same step compiled with Inductor's Triton backend on the
               CPU, the code GPU users get (tests/triton_cpu.py; TRITON_INTERPRET=1, kernels loaded, none run):
@@ -32,7 +39,7 @@ The goals printed under the table (issue 15): cold <= 1.3x Inductor's, warm <= 1
 
 Prints a table and writes <out>/cpu/compile.csv and compile.png. A run replaces the rows of the (model, mode)
 pairs it measured and keeps the others, so the models can be measured one or a few at a time. On a machine
-shared with other jobs the times are only indicative: each is one sample.
+shared with other jobs the times are only indicative: cold s is one sample.
 """
 from __future__ import annotations
 
@@ -67,10 +74,16 @@ MODELS = {
 }
 MODES = ["inductor", "actc"]
 GOALS = [("cold", "cold_x", 1.3), ("warm", "warm_x", 1.1), ("generated code", "code_x", 1.5)]
+# (column, Inductor's timer names): the first timer present is the phase's time (2.13: the custom
+# partitioner's timer holds the min-cut's, so the two are never added)
+PHASES = (("partition_s", ("ActcPartitioner", "min_cut_rematerialization_partition")),
+          ("lowering_s", ("GraphLowering.run",)), ("codegen_s", ("GraphLowering.codegen",)),
+          ("compiler_s", ("PyCodeCache.load_by_key_path",)))
 FIELDS = ("device", "model", "mode", "cold_s", "cold_x", "warm_s", "warm_x", "warm_hit", "kernels", "code_lines",
-          "code_x", "graphs", "triton_kernels", "triton_lines", "triton_x", "threads", "note")
+          "code_x", "graphs", *(c for c, _ in PHASES), "other_s", "triton_kernels", "triton_lines", "triton_x", "threads", "note")
 KERNEL = re.compile(r"^\w+ = async_compile\.cpp_pybinding\(", re.M)
 CHILD_TIMEOUT_S = 1800
+WARM_SAMPLES = 3  # a warm step is 2-5 s, where one process's noise was 0.5 s (1.14x in one run, 1.04x over 3)
 
 
 class Loss(torch.nn.Module):
@@ -148,8 +161,19 @@ def child(args: argparse.Namespace) -> dict:
     row = dict(seconds=seconds, loss=loss, aot=dict(counters["aot_autograd"]), fx=dict(counters["inductor"]))
     if codes:
         row.update(kernels=sum(len(KERNEL.findall(c)) for c in codes), code_lines=nonempty_lines(codes),
-                   graphs=len(codes))
+                   graphs=len(codes), phases=phases())
     return row
+
+
+def phases() -> dict[str, float]:
+    """Seconds per phase of this process's compiles (see PHASES), from Inductor's own timers (2.13)."""
+    from torch._dynamo.utils import compilation_time_metrics as timers
+
+    got = {}
+    for column, names in PHASES:
+        name = next((n for n in names if n in timers), None)
+        got[column] = sum(timers[name]) if name else 0.0
+    return got
 
 
 def spawn(args: argparse.Namespace, kind: str, model: str, mode: str, cache_dir: str) -> dict:
@@ -189,11 +213,15 @@ def measure(args: argparse.Namespace, model: str, mode: str) -> dict:
             tempfile.TemporaryDirectory(prefix="actc-warm-") as warm_dir:
         cold = spawn(args, "cold", model, mode, cold_dir)
         row.update(cold_s=cold.get("seconds"), kernels=cold.get("kernels"), code_lines=cold.get("code_lines"),
-                   graphs=cold.get("graphs"))
+                   graphs=cold.get("graphs"), **cold.get("phases", {}))
+        if "phases" in cold:
+            row["other_s"] = cold["seconds"] - sum(cold["phases"].values())
         fill = spawn(args, "fill", model, mode, warm_dir)
-        warm = spawn(args, "warm", model, mode, warm_dir) if "error" not in fill else {}
-        row.update(warm_s=warm.get("seconds"), warm_hit=hits(warm) if "seconds" in warm else None)
-        errors += [r["error"] for r in (cold, fill, warm) if "error" in r]
+        warms = [spawn(args, "warm", model, mode, warm_dir) for _ in range(WARM_SAMPLES)] if "error" not in fill else []
+        timed = sorted((w for w in warms if "seconds" in w), key=lambda w: w["seconds"])
+        warm = timed[len(timed) // 2] if len(timed) == WARM_SAMPLES else {}  # the median process
+        row.update(warm_s=warm.get("seconds"), warm_hit=hits(warm) if warm else None)
+        errors += [r["error"] for r in (cold, fill, *warms) if "error" in r]
         if args.triton:
             triton = spawn(args, "triton", model, mode, cold_dir)
             row.update({k: triton.get(k) for k in ("triton_kernels", "triton_lines")})
@@ -251,7 +279,7 @@ def main(argv=None) -> int:
     modes = common.select_names(dict.fromkeys(MODES), args.modes)
     tag = common.device_tag(torch.device("cpu"))
     torch.set_num_threads(args.threads)
-    print(f"bench_compile on {common.machine()}; one process per figure, one sample each")
+    print(f"bench_compile on {common.machine()}; one process per figure; cold one sample, warm the median of {WARM_SAMPLES}")
     rows = []
     for model in models:
         for mode in modes:
@@ -275,6 +303,10 @@ def main(argv=None) -> int:
         if r.get("note"):
             print(f"  {r['model']} / {r['mode']}: {r['note']}")
     print_goals(rows)
+    print("\nwhere the cold step's seconds go:")
+    common.print_table([r for r in rows if r.get("codegen_s") is not None],
+                       [("model", "model", ""), ("mode", "mode", ""), ("cold s", "cold_s", ".1f"),
+                        *((c.removesuffix("_s"), c, ".1f") for c, _ in PHASES), ("other", "other_s", ".1f")])
     common.write_csv(rows, out / "compile.csv", FIELDS)
     plotted = plot(rows, out / "compile.png", f"first training step's compile, {tag}: {common.machine()}")
     print(f"wrote {out / 'compile.csv'}" + (f" and {out / 'compile.png'}" if plotted else ""))
