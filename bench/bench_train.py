@@ -298,8 +298,7 @@ def main(argv=None) -> int:
     out = Path(args.out) / tag
     stem = "train_quick" if args.quick else "train"
     rows = common.merge_csv(out / f"{stem}.csv", rows, ("model", "mode"))
-    order = [*WORKLOADS[table]], [*common.MODES]
-    rows.sort(key=lambda r: tuple(o.index(r[k]) if r[k] in o else len(o) for o, k in zip(order, ("model", "mode"))))
+    common.sort_rows(rows, WORKLOADS[table], common.MODES)
     for r in rows:
         base = common.baseline(rows, r, needs="saved_mib")
         if base and r.get("saved_mib") is not None:

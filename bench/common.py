@@ -358,6 +358,7 @@ def sort_rows(rows: list[dict], models: Iterable[str], modes: Iterable[str]) -> 
     rows.sort(key=lambda r: (models.index(r["model"]) if r["model"] in models else len(models),
                              modes.index(r["mode"]) if r["mode"] in modes else len(modes)))
 
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend, or None (a printed note) when matplotlib is missing."""
     try:
