@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 
 import common
+import loaders
 from bench_train import WORKLOADS
 
 SEQ, BATCH, VOCAB = 128, 8, 1024
@@ -130,7 +131,7 @@ def workload(name: str, width: int | None = None, seq: int = SEQ, batch: int | N
     auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
     model = auto.from_config(config, attn_implementation="sdpa")
     model.config.use_cache = False
-    return Loss(model.train(), "hf"), common.token_batch(batch or BATCH, seq, VOCAB, masked)
+    return Loss(model.train(), "hf"), loaders.token_batch(batch or BATCH, seq, VOCAB, masked)
 
 
 def nonempty_lines(codes: list[str]) -> int:

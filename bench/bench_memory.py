@@ -33,6 +33,7 @@ import time
 import torch
 
 import common
+import loaders
 from actc.measure import saved_storages
 
 WIDTH, LAYERS, HEADS, VOCAB = 256, 4, 8, 1024
@@ -60,8 +61,8 @@ def _t5(seq: int):
 
 
 MODELS = {  # name: (build(seq), masked-LM labels)
-    "gpt2": (lambda seq: common.gpt2(LAYERS, WIDTH, HEADS, seq, VOCAB), False),
-    "bert": (lambda seq: common.bert(LAYERS, WIDTH, HEADS, seq, VOCAB), True),
+    "gpt2": (lambda seq: loaders.gpt2(LAYERS, WIDTH, HEADS, seq, VOCAB), False),
+    "bert": (lambda seq: loaders.bert(LAYERS, WIDTH, HEADS, seq, VOCAB), True),
     "llama": (lambda seq: _decoder("LlamaForCausalLM", "LlamaConfig", seq), False),
     "qwen2": (lambda seq: _decoder("Qwen2ForCausalLM", "Qwen2Config", seq), False),
     "t5": (_t5, False),
@@ -95,7 +96,7 @@ def measure(name: str, mode: str, batch: int, seq: int, autocast: torch.dtype | 
     torch.manual_seed(0)
     model = build(seq).train()
     model.config.use_cache = False
-    x, y = common.token_batch(batch, seq, VOCAB, masked)
+    x, y = loaders.token_batch(batch, seq, VOCAB, masked)
     kwargs = {"input_ids": x, "labels": y}
     compiled = torch.compile(model, backend=backend, options=dict(options) if options is not None else None)
     start = time.perf_counter()

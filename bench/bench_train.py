@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 import common
+import loaders
 from actc.measure import saved_bytes
 from actc.models import ConvNet
 
@@ -68,7 +69,7 @@ def images(size: int):
 
 
 def tokens(context: int, vocab: int, masked: bool):
-    return lambda b: common.token_batch(b, context, vocab, masked)
+    return lambda b: loaders.token_batch(b, context, vocab, masked)
 
 
 def resnet50():
@@ -80,17 +81,17 @@ def resnet50():
 WORKLOADS = {
     "cpu": {
         "cnn": dict(build=cnn(32), batch=32, inputs=images(32), kind="logits"),
-        "gpt2": dict(build=lambda: common.gpt2(2, 128, 4, 128, 1024), batch=8, inputs=tokens(128, 1024, False),
+        "gpt2": dict(build=lambda: loaders.gpt2(2, 128, 4, 128, 1024), batch=8, inputs=tokens(128, 1024, False),
                      kind="hf"),
-        "bert": dict(build=lambda: common.bert(2, 128, 4, 128, 1024), batch=8, inputs=tokens(128, 1024, True),
+        "bert": dict(build=lambda: loaders.bert(2, 128, 4, 128, 1024), batch=8, inputs=tokens(128, 1024, True),
                      kind="hf"),
     },
     "quick": {"cnn": dict(build=cnn(16), batch=16, inputs=images(32), kind="logits")},
     "cuda": {
         "resnet50": dict(build=resnet50, batch=128, inputs=images(224), kind="logits", needs="torchvision"),
-        "bert-large": dict(build=lambda: common.bert(24, 1024, 16, 512, 30522), batch=32,
+        "bert-large": dict(build=lambda: loaders.bert(24, 1024, 16, 512, 30522), batch=32,
                            inputs=tokens(128, 30522, True), kind="hf"),
-        "gpt2-small": dict(build=lambda: common.gpt2(12, 768, 12, 1024, 50257), batch=16,
+        "gpt2-small": dict(build=lambda: loaders.gpt2(12, 768, 12, 1024, 50257), batch=16,
                            inputs=tokens(1024, 50257, False), kind="hf", autocast=torch.bfloat16),
     },
 }

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import loaders
 from actc.measure import saved_bytes
 from actc.models import TinyGPT
 
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="all", choices=["all", *TASKS])
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated names from common.MODES")
-    p.add_argument("--data", default=None, help=f"data folder (default {common.DEFAULT_DATA})")
+    p.add_argument("--data", default=None, help=f"data folder (default {loaders.DEFAULT_DATA})")
     p.add_argument("--epochs", type=int, default=2, help="fmnist epochs")
     p.add_argument("--steps", type=int, default=1000, help="enwiki steps")
     p.add_argument("--eval-every", type=int, default=250, help="enwiki: steps between validation estimates")
@@ -254,13 +255,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.disable_inductor_caches()
     torch.set_num_threads(args.threads)
-    root = common.data_dir(args.data)
+    root = loaders.data_dir(args.data)
     modes = common.select_modes(args.modes)
     tag = common.device_tag(torch.device("cpu"))
     out = Path(args.out) / tag
     print(f"convergence on {common.machine()}")
     for task in (["fmnist", "enwiki"] if args.task == "all" else [args.task]):  # all: the two quick tasks
-        data = common.fashion_mnist(root) if task == "fmnist" else common.enwiki(root)
+        data = loaders.fashion_mnist(root) if task == "fmnist" else loaders.enwiki(root)
         rows, curve = [], []
         for name, mode in modes.items():
             name = name if args.seed == 0 else f"{name} seed{args.seed}"

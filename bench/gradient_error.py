@@ -21,7 +21,7 @@ the warmup_steps backward passes before that re-plan run first and are not count
 allocation also re-plans every 100 passes, which would mix plans inside the draws) and "static + recompute
 0.3" (with Inductor's recompute budget). Models: TinyGPT (GELU and attention, whose backwards are not linear in
 the saved inputs) and ConvNet (conv/BN/ReLU/max-pool), both without dropout, at initialisation; and
-"enwiki", bench/convergence.py's LM after 300 AdamW steps on the Wikipedia slice (common.data_dir's
+"enwiki", bench/convergence.py's LM after 300 AdamW steps on the Wikipedia slice (loaders.data_dir's
 folder, ../shared/data); and, only when named, "mamba" (a tiny random-init transformers Mamba, issue 16's
 lead). Inductor's caches are disabled
 (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, unless already set) so actc's partitioner always runs.
@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 
 import common
+import loaders
 from actc.models import ConvNet, TinyGPT, copy_task
 
 DEFAULT_MODES = ["inductor", "actc 8bit only", "actc 4bit only", "actc 2bit only", "actc 1bit only", "actc 2bit static",
@@ -70,14 +71,14 @@ def convnet_case():
 def enwiki_case(steps: int = 300):
     """bench/convergence.py's enwiki LM after ``steps`` eager AdamW steps on its data, and the next batch:
     the model whose convergence the adaptive rows are judged on, mid-training (gradients no longer those of
-    a fresh initialisation). Needs the data folder (common.data_dir)."""
+    a fresh initialisation). Needs the data folder (loaders.data_dir)."""
     import convergence  # bench/: the task's model, optimizer and batches
 
     spec = convergence.TASKS["enwiki"]
     torch.manual_seed(0)
     model = spec["build"]()
     opt = spec["opt"](model.parameters())
-    train, _ = common.enwiki(common.data_dir(None))
+    train, _ = loaders.enwiki(loaders.data_dir(None))
     batches = convergence.lm_batches(train, spec["batch"], 128, steps + 1, steps + 1)  # context 128
     loss = common.LossOf(model, "logits")
     for _, (x, y, _) in zip(range(steps), batches):
