@@ -154,6 +154,40 @@ def register_torch_log(name: str) -> None:
         register_log(name, name)
 
 
+# 2.13 (2.11 not checked; on a class that is not a singleton the patch changes nothing): Inductor's codegen
+# (CSEProxy._default, codegen/common.py) calls DtypePropagationOpsHandler() for every op it writes. The class is
+# a singleton through __new__, but Python reruns __init__ on every call, and __init__ re-registers each dtype
+# rule and checks the set against dir(self): about 0.25 ms an op. Inductor's own graphs write a few thousand
+# ops; actc's quantizer kernels write tens of thousands (the hash and the endpoint logic, once per kernel
+# variant), and __init__ took 20 s of a 120 s cProfile'd compile (a one-layer TinyGPT). The patch reruns
+# __init__ only when the rule tables have changed size (Inductor registers rules at import and may add more
+# later; a rule replaced under the same name would not be seen), so the handler's attributes, hence every
+# generated kernel, stay the same (tests/test_codegen_patch.py).
+def skip_repeated_dtype_rule_setup() -> None:
+    try:
+        from torch._inductor.dtype_propagation import DtypePropagationOpsHandler
+    except ImportError:  # a layout this file was not checked on: codegen stays as it is
+        return
+    if not getattr(DtypePropagationOpsHandler.__init__, "actc_original", None):
+        DtypePropagationOpsHandler.__init__ = once_per_rule_tables(DtypePropagationOpsHandler.__init__)
+
+
+def once_per_rule_tables(init):
+    """``init`` wrapped to run on an instance only when the sizes of Inductor's rule tables differ from
+    the last run's (``init.actc_original`` is Inductor's own)."""
+    from torch._inductor import utils
+    from torch._inductor.codegen import common
+
+    def __init__(self) -> None:
+        tables = (len(utils.op_dtype_propagation_rules), len(common.pointwise_overrides_data))
+        if self.__dict__.get("_actc_tables") != tables:
+            init(self)
+            self._actc_tables = tables
+
+    __init__.actc_original = init
+    return __init__
+
+
 # 2.11, 2.13: Inductor's recompute budget (torch._functorch.config.activation_memory_budget), read by the
 # stock partitioner when it runs, so a patch around compile_fx applies to that compile alone.
 def inductor_recompute_budget() -> float:

@@ -52,6 +52,7 @@ class CompiledGraph:
         from actc.passes.partition import ActcPartitioner
 
         patches = {**self.patches, "custom_partitioner_fn": ActcPartitioner(self.session, self)}
+        compat.skip_repeated_dtype_rule_setup()  # the same kernels, written faster (see there)
         with compat.recompute_budget(self.session.config.recompute_budget(compat.inductor_recompute_budget())):
             return compat.compile_fx(self.gm, self.example_inputs, config_patches=patches)
 

@@ -212,3 +212,25 @@ def test_8bit_gradient_matches_inductor() -> None:
     got, kinds = _grads(MLP, "actc", options, x, _SQUARE)
     assert "quant" in kinds
     assert torch.isfinite(got).all() and cosine(got, want) >= 0.999
+
+
+def test_same_code_without_actcs_codegen_patch(monkeypatch) -> None:
+    """_torch_compat.skip_repeated_dtype_rule_setup changes no Triton code (the C++ twin: test_codegen_patch.py)."""
+    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler as Handler  # private: 2.13
+
+    from actc import _torch_compat as compat
+    from test_codegen_patch import _comparable
+
+    make, inputs, loss = CASES["linear-gelu-linear"]
+
+    def code() -> list[str]:
+        torch.manual_seed(0)
+        codes = triton_cpu.forward_backward_code(make(), inputs(), "actc", SETTINGS["pinned"][0], loss)
+        return [_comparable(c) for c in codes]
+
+    compat.skip_repeated_dtype_rule_setup()
+    patched = code()
+    monkeypatch.setattr(Handler, "__init__", Handler.__init__.actc_original)
+    monkeypatch.setattr(compat, "skip_repeated_dtype_rule_setup", lambda: None)
+    assert len(patched) == 2 and str(0x21F0AAAD) in patched[0]  # the forward rounds (kernels/noise.py's hash)
+    assert patched == code()
