@@ -1,10 +1,14 @@
 """actc's patch of Inductor's dtype-rule handler (``_torch_compat.skip_repeated_dtype_rule_setup``) writes the
 same kernels faster: the handler's rules are set up once per state of Inductor's rule tables, a rule added
-later is still set up, and the generated code of a compressed training step is the same with and without it.
+later is still set up, the generated code of a compressed training step is the same with and without it, and
+backend="actc" installs it where Inductor alone does not.
 """
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
 
 import torch
 from torch._inductor import utils as inductor_utils  # private: 2.13
@@ -60,3 +64,19 @@ def test_same_generated_code_with_and_without(monkeypatch):
     assert len(patched) == 2 and str(0x21F0AAAD) in patched[0]  # the forward rounds (kernels/noise.py's hash)
     assert patched == unpatched
 
+
+
+def test_installed_by_actcs_compile_only():
+    """Users get the patch from backend="actc" (no import of actc needed); a process that compiles with
+    Inductor alone keeps Inductor's own __init__."""
+    script = textwrap.dedent("""
+        import sys, torch
+        from torch._inductor.dtype_propagation import DtypePropagationOpsHandler as Handler
+        model = torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+        torch.compile(model, backend=sys.argv[1])(torch.randn(4, 8)).sum().backward()
+        print(hasattr(Handler.__init__, "actc_original"))
+    """)
+    for backend, patched in (("inductor", False), ("actc", True)):
+        run = subprocess.run([sys.executable, "-c", script, backend], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.split()[-1] == str(patched), (backend, run.stdout)
