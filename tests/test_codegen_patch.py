@@ -54,16 +54,21 @@ def _comparable(code: str) -> str:
     return re.sub(r"(# kernel path: )\S*/", r"\1", code.split("\n", 1)[1])
 
 
-def test_same_generated_code_with_and_without(monkeypatch):
-    """C++ here; the Triton path's twin is in test_triton_path.py (it needs the interpreter's process)."""
+def with_and_without(code, monkeypatch) -> tuple[list[str], list[str]]:
+    """``code()`` (the wrappers of one compile) with the patch installed, then with Inductor's own __init__ back
+    and actc's backend kept from installing it again. Used here and in test_triton_path.py."""
     compat.skip_repeated_dtype_rule_setup()
-    patched = _step_code()
+    patched = code()
     monkeypatch.setattr(DtypePropagationOpsHandler, "__init__", DtypePropagationOpsHandler.__init__.actc_original)
     monkeypatch.setattr(compat, "skip_repeated_dtype_rule_setup", lambda: None)
-    unpatched = _step_code()
+    return patched, code()
+
+
+def test_same_generated_code_with_and_without(monkeypatch):
+    """C++ here; the Triton path's twin is in test_triton_path.py (it needs the interpreter's process)."""
+    patched, unpatched = with_and_without(_step_code, monkeypatch)
     assert len(patched) == 2 and str(0x21F0AAAD) in patched[0]  # the forward rounds (kernels/noise.py's hash)
     assert patched == unpatched
-
 
 
 def test_installed_by_actcs_compile_only():

@@ -216,10 +216,7 @@ def test_8bit_gradient_matches_inductor() -> None:
 
 def test_same_code_without_actcs_codegen_patch(monkeypatch) -> None:
     """_torch_compat.skip_repeated_dtype_rule_setup changes no Triton code (the C++ twin: test_codegen_patch.py)."""
-    from torch._inductor.dtype_propagation import DtypePropagationOpsHandler as Handler  # private: 2.13
-
-    from actc import _torch_compat as compat
-    from test_codegen_patch import _comparable
+    from test_codegen_patch import _comparable, with_and_without
 
     make, inputs, loss = CASES["linear-gelu-linear"]
 
@@ -228,9 +225,6 @@ def test_same_code_without_actcs_codegen_patch(monkeypatch) -> None:
         codes = triton_cpu.forward_backward_code(make(), inputs(), "actc", SETTINGS["pinned"][0], loss)
         return [_comparable(c) for c in codes]
 
-    compat.skip_repeated_dtype_rule_setup()
-    patched = code()
-    monkeypatch.setattr(Handler, "__init__", Handler.__init__.actc_original)
-    monkeypatch.setattr(compat, "skip_repeated_dtype_rule_setup", lambda: None)
+    patched, unpatched = with_and_without(code, monkeypatch)
     assert len(patched) == 2 and str(0x21F0AAAD) in patched[0]  # the forward rounds (kernels/noise.py's hash)
-    assert patched == code()
+    assert patched == unpatched
