@@ -159,7 +159,7 @@ def register_torch_log(name: str) -> None:
 # a singleton through __new__, but Python reruns __init__ on every call, and __init__ re-registers each dtype
 # rule and checks the set against dir(self): about 0.25 ms an op. Inductor's own graphs write a few thousand
 # ops; actc's quantizer kernels write tens of thousands (the hash and the endpoint logic, once per kernel
-# variant), and __init__ took 20 s of a 120 s cProfile'd compile (a one-layer TinyGPT). The patch reruns
+# variant), and __init__ was a large share of the codegen in a cProfile of an actc compile. The patch reruns
 # __init__ only when the rule tables have changed size (Inductor registers rules at import and may add more
 # later; a rule replaced under the same name would not be seen), so the handler's attributes, hence every
 # generated kernel, stay the same (tests/test_codegen_patch.py).
