@@ -227,7 +227,12 @@ def _insert_seeds(fw: fx.GraphModule, decisions: list[Decision]) -> dict[int, fx
 def _insert_quantize(fw: fx.GraphModule, root: fx.Node, d: Decision, seed: fx.Node | None, order) -> list[fx.Node]:
     suffixes = ["bits"] if d.saved.kind == "mask" else ["codes", "meta"]
     args = [root] if seed is None else [root, seed]
-    parts = inline(fw.graph, _first_after(order, *args), d.quantize_gm, args)
+    # After the convolutions that read the tensor: Inductor lowers in graph order, and the quantizer's flat
+    # view would freeze a buffer whose layout is still open as contiguous, where a convolution lowered first
+    # makes it channels-last (Inductor's layout optimization). The conv then needs no layout copy of its
+    # input; the quantizer reads the buffer with strides (ConvNet's max-pool output, tests/test_passes.py)
+    convs = [u for u in root.users if u.target is torch.ops.aten.convolution.default]
+    parts = inline(fw.graph, _first_after(order, *args, *convs), d.quantize_gm, args)
     for part, suffix in zip(parts, suffixes):
         part.name = fw.graph._graph_namespace.create_name(f"{root.name}_{suffix}", None)
     return parts

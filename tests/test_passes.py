@@ -189,6 +189,21 @@ def test_attention_aliases_compressed_once_at_the_root():
     assert stats and all(t.kind == "skip" for t in stats)
 
 
+def test_a_convolution_input_is_quantized_after_the_convolution():
+    """Inductor lowers the forward in graph order. Quantized before the convolution that reads it, the max-pool
+    output's flat view froze its buffer contiguous, and the convolution, which Inductor's layout optimization
+    feeds channels-last, needed a layout copy of its input (a kernel on the Triton path, ConvNet's forward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 16, 3, padding=1))
+    tensors, plan = by_name(explain(model, torch.randn(4, 3, 16, 16), min_bytes=1024))
+    (pooled,) = [t.name for t in tensors.values() if t.kind == "quant" and t.shape == "(4, 16, 8, 8)"]
+    lines = plan.forward_code.splitlines()
+    conv = next(i for i, line in enumerate(lines) if f"convolution.default({pooled}," in line)
+    flat = next(i for i, line in enumerate(lines) if f"view.default({pooled}, [-1])" in line)
+    assert conv < flat
+
+
 def test_parameter_derived_tensors_are_left_alone():
     class Scaled(nn.Module):
         def __init__(self):
