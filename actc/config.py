@@ -30,6 +30,7 @@ RECOMPUTE_ON = 0.3  # what recompute=True means: Inductor's activation_memory_bu
 # 1.23-1.36x Inductor's estimated H100 step against 0.3's 1.08-1.20x (bench/bench_roofline.py), and GPU
 # users are whom the default serves (docs/results.md)
 RECOMPUTE_DEFAULT = RECOMPUTE_ON
+RECOMPUTE_LEAST = RECOMPUTE_ON / 64  # the least recompute budget actc compiles under (recompute_budget)
 MIN_BUDGET_BYTES = 1024  # an absolute budget below 1 KiB is almost surely a slip for '1bit' or 1.0
 BUDGET_FORMS = "average bits like '2bit' (1 to 8), a fraction of the saved bytes like 0.1 (0 < f <= 1), " \
                "or absolute bytes like '512MB', '1.5GiB' or an int"
@@ -120,8 +121,9 @@ class ActcConfig:
     recompute: float | None = None  # Inductor's recompute budget for actc's graphs (activation_memory_budget,
     #                                0 < f <= 1; 1.0 recomputes only what Inductor always does). None: the
     #                                value set in torch._functorch.config if it is not 1.0, else
-    #                                RECOMPUTE_DEFAULT. What the partitioner recomputes is not saved, and the
-    #                                memory budget's share for it goes to the tensors that are (more bits)
+    #                                RECOMPUTE_DEFAULT, lowered for a memory budget that compression cannot meet
+    #                                (passes/recompute_budget.py). What the partitioner recomputes is not
+    #                                saved
     recompute_credit: bool = False  # an average-bits budget counts only the tensors that are saved, so what
     #                                Inductor recomputes lowers memory. True: it counts them too and gives their
     #                                share to the saved tensors (finer widths, 2x the memory on the benches;
@@ -154,10 +156,13 @@ class ActcConfig:
         return cls(**kwargs)
 
     def recompute_budget(self, torch_value: float) -> float:
-        """The recompute budget actc's graphs compile under, given torch's own ``activation_memory_budget``."""
+        """The recompute budget actc's graphs compile under, given torch's own ``activation_memory_budget``.
+        A torch setting of 0 becomes RECOMPUTE_LEAST: at exactly 0, torch 2.13's partitioner saves only the
+        graph's inputs without reading the MUST_SAVE tags, and would redraw dropout in the backward
+        (``_torch_compat.keep_saved``)."""
         if self.recompute is not None:
             return self.recompute
-        return torch_value if torch_value != 1.0 else RECOMPUTE_DEFAULT
+        return max(torch_value, RECOMPUTE_LEAST) if torch_value != 1.0 else RECOMPUTE_DEFAULT
 
     def summary(self) -> str:
         return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "

@@ -8,6 +8,9 @@
                   ─▶ allocate (bits under the session's budget) ─▶ rewrite(fw, bw)
                   ─▶ insert_statistics(bw) (adaptive) ─▶ (fw', bw')
 
+A memory budget that compression cannot meet under actc's default recompute budget runs all of it again at
+lower recompute budgets, and the first plan that fits is taken (passes/recompute_budget.recompute_more).
+
 If anything in actc fails, the stock partition is returned and the error is logged once: training
 never stops because of actc.
 """
@@ -17,7 +20,6 @@ import hashlib
 import logging
 import math
 import os
-import re
 import weakref
 from typing import Any
 
@@ -25,13 +27,13 @@ import torch
 import torch.fx as fx
 
 from actc import _torch_compat as compat
-from actc.config import AverageBits
 from actc.kernels import quant
 from actc.passes import allocate as alloc
 from actc.passes.candidates import (MIN_BITS, SELECT_OPS, Saved, consumer_class, find_candidates, is_statistic,
                                     op_name)
 from actc.passes.hoist import find_comparisons, hoist_comparisons, split_kinks
-from actc.passes.reach import parameter_derived
+from actc.passes.recompute_budget import (backward_at_full_budget, budget_credit, describe, recompute_more,
+                                          recomputed_by_inductor)
 from actc.passes.remat import recompute_from_saved
 from actc.passes.rewrite import Decision, rewrite, trace_pair
 from actc.passes.sensitivity import insert_statistics
@@ -72,19 +74,31 @@ class ActcPartitioner(compat.CustomPartitionerFn):
         inputs = _activation_primals(gm, self.graph)
         # a recompute budget must never redraw dropout or re-pick a max-pool
         compat.keep_saved(gm, lambda node: op_name(node) in SELECT_OPS)
-        at_full = _backward_at_full_budget(gm, joint_inputs, kwargs)
-        fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        # nor recompute a normalization's statistics from what actc compresses (a BatchNorm's var_mean)
-        if _recomputes_statistics(bw, inputs) and compat.keep_saved(gm, statistic=is_statistic):
-            fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        key = _graph_key(fw, self.graph)
+        at_full = backward_at_full_budget(gm, joint_inputs, kwargs)
         static = self.graph is None or self.graph.static
-        try:
+        lowerable = self.may_recompute_more()
+
+        def partition():
+            fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+            # nor recompute a normalization's statistics from what actc compresses (a BatchNorm's var_mean)
+            if _recomputes_statistics(bw, inputs) and compat.keep_saved(gm, statistic=is_statistic):
+                fw, bw = compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+            return fw, bw, _graph_key(fw, self.graph)
+
+        def plan_for(fw, bw, key, warn: bool):
             static_indices = kwargs.get("static_lifetime_input_indices")
             by_inductor = [] if at_full is None else \
                 recomputed_by_inductor(gm, at_full, bw, fw, static_indices, self.session.config.min_bytes)
-            region, plan = compress(fw, bw, kwargs["num_fwd_outputs"], static_indices, self.session, key, static,
-                                    needs_grad, by_inductor, inputs)
+            return compress(fw, bw, kwargs["num_fwd_outputs"], static_indices, self.session, key, static,
+                            needs_grad, by_inductor, inputs, warn)
+
+        fw, bw, key = partition()
+        try:
+            created = key not in self.session.regions
+            region, plan = plan_for(fw, bw, key, warn=not lowerable)
+            if not plan.feasible and lowerable:
+                fw, bw, key, region, plan = recompute_more(self.session, partition, plan_for,
+                                                            (fw, bw, key, region, plan), created)
         except Exception as e:  # never break a training step: fall back to the stock partition
             self.session.warn_once(f"actc left a graph uncompressed after an internal error: {type(e).__name__}: {e}")
             log.debug("actc fallback", exc_info=True)
@@ -98,6 +112,14 @@ class ActcPartitioner(compat.CustomPartitionerFn):
         plan.forward_code, plan.backward_code = fw.code, bw.code
         self.session.add_plan(region, plan)
         return fw, bw
+
+    def may_recompute_more(self) -> bool:
+        """May actc lower Inductor's recompute budget for a memory budget that compression alone cannot meet?
+        Only when the recompute budget is actc's default: not when the user set ``recompute`` or torch's own
+        ``activation_memory_budget`` (``CompiledGraph.recompute_is_default``)."""
+        if self.graph is not None:
+            return self.graph.recompute_is_default
+        return self.session.config.recompute is None
 
     def __deepcopy__(self, memo):  # Inductor deep-copies its config; the session must stay shared
         return self
@@ -118,19 +140,6 @@ class ActcPartitioner(compat.CustomPartitionerFn):
         salt = self.session.cache_salt(region)
         recompute = f" recompute budget {compat.inductor_recompute_budget()}"  # the one compile_fx runs under
         return compat.get_hash_for_files(_source_files(), repr(self.session.config) + salt + recompute).hex()
-
-
-def _backward_at_full_budget(gm: fx.GraphModule, joint_inputs, kwargs) -> fx.GraphModule | None:
-    """Under a recompute budget below 1, the backward of the stock partition at 1.0 (what Inductor would save
-    without the budget), to name what the budget recomputes; None otherwise, or if that partition fails."""
-    if compat.inductor_recompute_budget() >= 1.0:
-        return None
-    try:
-        with compat.recompute_budget(1.0):
-            return compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)[1]
-    except Exception:  # only the plan's rows need it
-        log.debug("actc: partition at recompute budget 1.0 failed", exc_info=True)
-        return None
 
 
 def _recomputes_statistics(bw: fx.GraphModule, activation_primals: frozenset[str]) -> bool:
@@ -185,7 +194,7 @@ def _graph_key(fw: fx.GraphModule, graph) -> str:
 
 def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, static_indices, session, key: str,
              static: bool = True, needs_grad: frozenset[str] | None = None, by_inductor: list[TensorPlan] = (),
-             inputs: frozenset[str] = frozenset()):
+             inputs: frozenset[str] = frozenset(), warn: bool = True):
     """Find, allocate and rewrite; returns the session's region for this graph and its plan. ``by_inductor``:
     rows for what Inductor's recompute budget recomputes (``recomputed_by_inductor``)."""
     config = session.config
@@ -201,7 +210,7 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     moved = [_recomputed_plan(node, source) for node, source in recomputed.items()]
     moved += list(by_inductor)
     activation = sum(r.full_bytes for r in records if r.activation) + sum(t.bytes_before for t in moved)
-    credit = _budget_credit(by_inductor, config)
+    credit = budget_credit(by_inductor, config)
     region = session.region(key, cands, fixed, activation, replannable=static, credit=credit)
     bits_by_name, feasible, budget = session.plan_bits(region)
     compressed = {a.name for r in quants if bits_by_name[r.name] != r.dtype.itemsize * 8 for a in r.aliases}
@@ -210,10 +219,11 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
         if hoisted:
             records = find_candidates(fw, bw, num_fwd_outputs, static_indices, config, frozenset(hoisted), needs_grad,
                                       inputs)
-    if not feasible:
+    if not feasible and warn:
         need = fixed + sum(min(c.bytes_at_bits.values()) for c in cands)
         session.warn_once(f"actc: memory budget {config.memory_budget} ({budget + fixed} B for graph {region.index}) "
-                          f"cannot be met even at {min(config.bits)} bit (needs {need} B); using the tightest plan")
+                          f"cannot be met even at {min(config.bits)} bit and recompute budget "
+                          f"{compat.inductor_recompute_budget():g} (needs {need} B); using the tightest plan")
 
     decisions, tensors = [], []
     for r in records:
@@ -240,88 +250,12 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
     return region, plan
 
 
-def _saved_names(bw: fx.GraphModule) -> set[str]:
-    return {p.name for p in bw.graph.find_nodes(op="placeholder") if not p.name.startswith("tangents")}
-
-
-def recomputed_by_inductor(joint: fx.GraphModule, at_full: fx.GraphModule, bw: fx.GraphModule, fw: fx.GraphModule,
-                           static_indices, min_bytes: int) -> list[TensorPlan]:
-    """Plan rows for what Inductor's recompute budget recomputes instead of saving.
-
-    ``at_full`` is the backward of the stock partition at budget 1.0 and ``bw`` the one at the budget in
-    force: a tensor saved in the first and not in the second is recomputed in the backward. Activations of
-    at least ``min_bytes`` get a row, and the floating ones a share of an average-bits budget
-    (``_budget_credit``); parameter-derived tensors (a weight's transpose) are not activations."""
-    nodes = {n.name: n for n in joint.graph.nodes if n.op == "call_function"}
-    params = {n.name for n in parameter_derived(fw, static_indices)}
-    rows = []
-    for name in sorted(_saved_names(at_full) - _saved_names(bw)):
-        node = nodes.get(name)
-        val = node.meta.get("val") if node is not None else None
-        if not isinstance(val, torch.Tensor) or name in params:
-            continue
-        nbytes = math.prod(compat.upper_bound(s) for s in val.shape) * val.element_size()
-        if nbytes >= max(min_bytes, 1):
-            rows.append(TensorPlan(name=name, **_describe(node), producer=op_name(node), kind="recompute", bits=None,
-                                   bytes_before=nbytes, bytes_after=0,
-                                   reason=f"recomputed in the backward by Inductor's partitioner (recompute budget "
-                                          f"{compat.inductor_recompute_budget():g})"))
-    return rows
-
-
-def _budget_credit(rows: list[TensorPlan], config) -> int:
-    """An average-bits budget ("2bit") means the bytes of every compressible tensor at that width. The tensors
-    Inductor recomputes are compressible ones it no longer saves: their share stays in the budget and buys
-    more bits for the tensors that are saved. Fraction budgets count them in the uncompressed total
-    instead, and absolute budgets are bytes whatever is recomputed. ``recompute_credit=False``: no share, the
-    budget counts only what is saved."""
-    budget = config.memory_budget
-    if not isinstance(budget, AverageBits) or not rows or not config.recompute_credit:
-        return 0
-    cands = []
-    for t in rows:
-        dtype = getattr(torch, t.dtype)
-        if not dtype.is_floating_point:  # masks and indices are not compressible tensors
-            continue
-        numel = t.bytes_before // dtype.itemsize
-        sizes = {b: quant.compressed_bytes(numel, b, config.group_size, dtype) for b in config.bits}
-        sizes[dtype.itemsize * 8] = t.bytes_before
-        cands.append(alloc.Candidate(id=t.name, bytes_at_bits=sizes, weight=1.0, full_bits=dtype.itemsize * 8))
-    return alloc.budget_for_average_bits(cands, budget.bits)
-
-
 def _recomputed_plan(node: fx.Node, source: str) -> TensorPlan:
     """The plan's row for a tensor that passes/remat.py no longer saves."""
     val = node.meta["val"]
-    return TensorPlan(name=node.name, **_describe(node), producer=op_name(node), kind="recompute", bits=None,
+    return TensorPlan(name=node.name, **describe(node), producer=op_name(node), kind="recompute", bits=None,
                       bytes_before=val.numel() * val.element_size(), bytes_after=0,
                       reason=f"recomputed in the backward from %{source} (pointwise)")
-
-
-def _describe(node: fx.Node) -> dict[str, str]:
-    val = node.meta["val"]
-    return dict(shape=str(tuple(val.shape)).replace(",)", ")"), dtype=str(val.dtype).replace("torch.", ""),
-                module=module_path(node))
-
-
-def module_path(node: fx.Node) -> str:
-    """The innermost module that made ``node`` ("blocks.0.mlp.fc1"), from the ``nn_module_stack`` that dynamo
-    records and AOTAutograd copies onto the joint graph; "" for a primal or when it was not recorded.
-    Ops that the backward's trace placed in the forward (a transposed activation for a weight gradient)
-    carry no stack: they take the module of the nearest input that has one."""
-    for _ in range(16):
-        stack = node.meta.get("nn_module_stack") or {}
-        inputs = [n for n in node.all_input_nodes if n.op != "placeholder"]
-        if stack or not inputs:
-            break
-        node = inputs[0]
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    path = re.sub(r"^L\['self'\]\.?|^L\['[^']*'\]\.?", "", path)    # dynamo's source prefix
-    path = re.sub(r"\[(\d+)\]", r".\1", path)                      # h[0] -> h.0
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    return path.strip(".")
 
 
 def _mask_bytes(fw: fx.GraphModule, bw: fx.GraphModule, r: Saved) -> int:
@@ -346,7 +280,6 @@ def _candidate(r: Saved, config, mask_bytes: int = 0) -> "alloc.Candidate":
 
 
 def _tensor_plan(r: Saved, bits, kept: bool, config, cands) -> TensorPlan:
-    val = r.node.meta["val"]
     after = r.full_bytes
     kind, reason = r.kind, r.reason
     if kept:
@@ -356,6 +289,6 @@ def _tensor_plan(r: Saved, bits, kept: bool, config, cands) -> TensorPlan:
     elif r.kind == "mask":
         after = quant.mask_bytes(r.numel)
     weight = next((c.weight for c in cands if c.id == r.name), 0.0)
-    return TensorPlan(name=r.name, **_describe(r.node), producer=r.producer, kind=kind, bits=bits if kind in ("quant", "mask") else None,
+    return TensorPlan(name=r.name, **describe(r.node), producer=r.producer, kind=kind, bits=bits if kind in ("quant", "mask") else None,
                       bytes_before=0 if r.added else r.full_bytes, bytes_after=after, reason=reason, consumer=r.consumer, weight=weight,
                       activation=r.activation)
