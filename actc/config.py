@@ -60,8 +60,8 @@ class Fraction:
 class Bytes:
     nbytes: int
 
-    def __str__(self) -> str:
-        return f"{self.nbytes / 2**20:.1f} MiB"
+    def __str__(self) -> str:  # "0.0 MiB" said nothing about a budget of a few KB
+        return f"{self.nbytes / 2**20:.1f} MiB" if self.nbytes >= 2**20 else f"{self.nbytes / 2**10:.1f} KiB"
 
 
 Budget = Union[AverageBits, Fraction, Bytes]

@@ -38,37 +38,35 @@ LOWER_RECOMPUTE = (1 / 2, 1 / 4, 1 / 8, 1 / 64)
 def recompute_more(session, partition, plan_for, first, created: bool):
     """A memory budget that compression cannot meet at the recompute budget in force (a fraction or bytes
     budget below what 1 bit per element can hold) is met by recomputing more: partition and compress again at
-    each budget of LOWER_RECOMPUTE in turn, and take the first plan that fits, else the tightest one tried.
-    A budget that saves the same tensors as one tried before is skipped (the same plan). The regions
-    that the attempts not taken added to the session are dropped again."""
+    each budget of LOWER_RECOMPUTE in turn, and take the first plan that fits, else the last one tried (the
+    most recompute). A budget that saves the same tensors as one tried before is skipped (the same plan).
+    ``first``: (fw, bw, key, region, plan) at the budget in force; ``created``: its region is new. A plan
+    that is replaced leaves the session before the next is made, so that it is neither counted against an
+    absolute budget nor numbered as a graph."""
     start = compat.inductor_recompute_budget()
-    best, tried, added, warned = first, {saved_set(first[1])}, [first[2]] if created else [], False
+    best, tried, warned = first, {saved_set(first[1])}, False
+    replaced = first[2] if created else None  # a region only this call made
     for factor in LOWER_RECOMPUTE:
         with compat.recompute_budget(start * factor):
             fw, bw, key = partition()
             if saved_set(bw) in tried:
                 continue
             tried.add(saved_set(bw))
-            if key not in session.regions:
-                added.append(key)
-            else:  # the same region (its key names the forward's ops): its bits are the plan being replaced
+            if replaced is not None:
+                session.regions.pop(replaced, None)
+            replaced = key if key not in session.regions else None
+            if replaced is None:  # a region of an earlier compile: the plan being replaced is its own
                 session.regions[key].bits, session.regions[key].forced = {}, None
             warned = factor == LOWER_RECOMPUTE[-1]  # compress says why, for the last budget
             best = (fw, bw, key, *plan_for(fw, bw, key, warn=warned))
         if best[4].feasible:
             log.info("actc: graph %d meets memory budget %s by recomputing more (Inductor's recompute budget %g -> "
                      "%g)", best[3].index, session.config.memory_budget, start, start * factor)
-            break
-    else:
-        if not warned:
-            session.warn_once(f"actc: memory budget {session.config.memory_budget} cannot be met for graph "
-                              f"{best[3].index}, even at {min(session.config.bits)} bit and the least recompute "
-                              f"budget tried ({start * LOWER_RECOMPUTE[-1]:g}); using the tightest plan")
-    key, region, plan = best[2], best[3], best[4]
-    for stale in set(added) - {key}:
-        session.regions.pop(stale, None)
-    if key in added:  # numbered as if the attempts not taken had never been
-        region.index = plan.graph = list(session.regions).index(key)
+            return best
+    if not warned:
+        session.warn_once(f"actc: memory budget {session.config.memory_budget} cannot be met for graph "
+                          f"{best[3].index}, even at {min(session.config.bits)} bit and the least recompute budget "
+                          f"tried ({start * LOWER_RECOMPUTE[-1]:g}); using the tightest plan")
     return best
 
 
