@@ -6,6 +6,7 @@ credit their share to the saved tensors, ``budget_credit``). ``recompute_more`` 
 memory budget that compression alone cannot meet at the recompute budget in force (a fraction or bytes
 budget below what 1 bit per element holds) is met by recomputing more, as little more as it needs.
 Partitioning and compressing stay with the caller (passes/partition.py), passed in as functions.
+``describe`` (a node's shape, dtype and module, for the plan's rows) lives here with the rows it first served.
 """
 from __future__ import annotations
 
