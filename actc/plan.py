@@ -34,6 +34,7 @@ class GraphPlan:
     forward_code: str = ""
     backward_code: str = ""
     error: str = ""           # set when actc fell back to the uncompressed graphs
+    recompute: float | None = None  # Inductor's recompute budget the graph was partitioned under
 
     @property
     def bytes_before(self) -> int:
@@ -49,6 +50,7 @@ class GraphPlan:
         return (f"actc graph {self.graph}: {compressed}/{activations} saved activations compressed, "
                 f"{mib(self.bytes_before)} -> {mib(self.bytes_after)} MiB "
                 f"({less(self.bytes_before, self.bytes_after)}), budget {self.budget}"
+                + (f", recompute budget {self.recompute:g}" if self.recompute is not None else "")
                 + ("" if self.feasible else " (infeasible: tightest plan used)")
                 + (f" [fell back: {self.error}]" if self.error else ""))
 

@@ -106,7 +106,8 @@ class ActcPartitioner(compat.CustomPartitionerFn):
             region = self.session.region(key, [], 0, 0, replannable=False)
             region.forced = None
             plan = GraphPlan(graph=region.index, budget=str(self.session.config.memory_budget),
-                             budget_bytes=0, feasible=True, error=f"{type(e).__name__}: {e}")
+                             budget_bytes=0, feasible=True, error=f"{type(e).__name__}: {e}",
+                             recompute=compat.inductor_recompute_budget())
         if self.graph is not None:
             self.graph.region, self.graph.version = region, region.version
         plan.forward_code, plan.backward_code = fw.code, bw.code
@@ -246,7 +247,7 @@ def compress(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int, stati
         region.stat_names, region.stat_partial = insert_statistics(bw, decisions, session.id, key)
     region.bits, region.forced = dict(bits_by_name), None
     plan = GraphPlan(graph=region.index, budget=str(config.memory_budget), budget_bytes=budget + fixed,
-                     feasible=feasible, tensors=tensors + moved)
+                     feasible=feasible, tensors=tensors + moved, recompute=compat.inductor_recompute_budget())
     return region, plan
 
 
