@@ -162,7 +162,7 @@ class ActcConfig:
         (``_torch_compat.keep_saved``)."""
         if self.recompute is not None:
             return self.recompute
-        return max(torch_value, RECOMPUTE_LEAST) if torch_value != 1.0 else RECOMPUTE_DEFAULT
+        return (torch_value or RECOMPUTE_LEAST) if torch_value != 1.0 else RECOMPUTE_DEFAULT
 
     def summary(self) -> str:
         return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "

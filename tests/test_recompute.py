@@ -65,6 +65,7 @@ def test_recompute_budget_resolution():
     assert ActcConfig().recompute_budget(0.2) == 0.2
     assert ActcConfig().recompute_budget(1.0) == ActcConfig().recompute_budget(1.0)  # RECOMPUTE_DEFAULT
     assert ActcConfig().recompute_budget(0.0) == RECOMPUTE_LEAST > 0  # 0 would redraw dropout
+    assert ActcConfig().recompute_budget(0.001) == 0.001  # any other setting of the user's is kept
 
 
 def test_keep_saved_tags_only_untagged_random_draws():
