@@ -54,8 +54,7 @@ class CompiledGraph:
         patches = {**self.patches, "custom_partitioner_fn": ActcPartitioner(self.session, self)}
         compat.skip_repeated_dtype_rule_setup()  # the same kernels, written faster (see there)
         torch_budget = compat.inductor_recompute_budget()
-        # actc may recompute more to meet a memory budget only when neither the user nor torch's config chose it
-        self.recompute_is_default = self.session.config.recompute is None and torch_budget == 1.0
+        self.recompute_is_default = self.session.config.recompute_is_default(torch_budget)
         with compat.recompute_budget(self.session.config.recompute_budget(torch_budget)):
             return compat.compile_fx(self.gm, self.example_inputs, config_patches=patches)
 

@@ -160,9 +160,17 @@ class ActcConfig:
         A torch setting of 0 becomes RECOMPUTE_LEAST: at exactly 0, torch 2.13's partitioner saves only the
         graph's inputs without reading the MUST_SAVE tags, and would redraw dropout in the backward
         (``_torch_compat.keep_saved``)."""
+        if self.recompute_is_default(torch_value):
+            return RECOMPUTE_DEFAULT
         if self.recompute is not None:
             return self.recompute
-        return (torch_value or RECOMPUTE_LEAST) if torch_value != 1.0 else RECOMPUTE_DEFAULT
+        return torch_value or RECOMPUTE_LEAST
+
+    def recompute_is_default(self, torch_value: float) -> bool:
+        """Neither the ``recompute`` option nor torch's ``activation_memory_budget`` chose the recompute budget:
+        actc's own default is in force, and actc may lower it for a memory budget that compression alone
+        cannot meet (passes/recompute_budget.recompute_more). A budget the user chose is kept."""
+        return self.recompute is None and torch_value == 1.0
 
     def summary(self) -> str:
         return (f"budget={self.memory_budget} group={self.group_size} bits={list(self.bits)} "

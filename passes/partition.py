@@ -32,7 +32,7 @@ from actc.passes import allocate as alloc
 from actc.passes.candidates import (MIN_BITS, SELECT_OPS, Saved, consumer_class, find_candidates, is_statistic,
                                     op_name)
 from actc.passes.hoist import find_comparisons, hoist_comparisons, split_kinks
-from actc.passes.recompute_budget import (backward_at_full_budget, budget_credit, describe, recompute_more,
+from actc.passes.recompute_budget import (Attempt, backward_at_full_budget, budget_credit, describe, recompute_more,
                                           recomputed_by_inductor)
 from actc.passes.remat import recompute_from_saved
 from actc.passes.rewrite import Decision, rewrite, trace_pair
@@ -97,8 +97,8 @@ class ActcPartitioner(compat.CustomPartitionerFn):
             created = key not in self.session.regions
             region, plan = plan_for(fw, bw, key, warn=not lowerable)
             if not plan.feasible and lowerable:
-                fw, bw, key, region, plan = recompute_more(self.session, partition, plan_for,
-                                                            (fw, bw, key, region, plan), created)
+                best = recompute_more(self.session, partition, plan_for, Attempt(fw, bw, key, region, plan), created)
+                fw, bw, key, region, plan = best.fw, best.bw, best.key, best.region, best.plan
         except Exception as e:  # never break a training step: fall back to the stock partition
             self.session.warn_once(f"actc left a graph uncompressed after an internal error: {type(e).__name__}: {e}")
             log.debug("actc fallback", exc_info=True)
@@ -117,10 +117,9 @@ class ActcPartitioner(compat.CustomPartitionerFn):
     def may_recompute_more(self) -> bool:
         """May actc lower Inductor's recompute budget for a memory budget that compression alone cannot meet?
         Only when the recompute budget is actc's default: not when the user set ``recompute`` or torch's own
-        ``activation_memory_budget`` (``CompiledGraph.recompute_is_default``)."""
-        if self.graph is not None:
-            return self.graph.recompute_is_default
-        return self.session.config.recompute is None
+        ``activation_memory_budget`` (``ActcConfig.recompute_is_default``, recorded by the CompiledGraph that
+        read torch's setting; without one, nothing did, and the budget in force is kept)."""
+        return self.graph is not None and self.graph.recompute_is_default
 
     def __deepcopy__(self, memo):  # Inductor deep-copies its config; the session must stay shared
         return self

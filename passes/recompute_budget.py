@@ -13,61 +13,72 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from actc import _torch_compat as compat
-from actc.config import AverageBits
+from actc.config import RECOMPUTE_DEFAULT, RECOMPUTE_LEAST, AverageBits
 from actc.kernels import quant
 from actc.passes import allocate as alloc
 from actc.passes.candidates import op_name
 from actc.passes.reach import parameter_derived
-from actc.plan import TensorPlan
+from actc.plan import GraphPlan, TensorPlan
 
 log = logging.getLogger("actc")
 
 
-# Recompute budgets tried, as fractions of the one in force, when the memory budget cannot be met at it: the
-# first that meets it is taken (the least recompute that does). Never 0: at exactly 0, torch 2.13's
-# choose_saved_values_set returns the graph's inputs before it reads the MUST_SAVE tags, so dropout would be
-# redrawn in the backward with another mask (_torch_compat.keep_saved); 1/64 of 0.3 (RECOMPUTE_LEAST)
-# saves little else.
-LOWER_RECOMPUTE = (1 / 2, 1 / 4, 1 / 8, 1 / 64)
+# Recompute budgets tried when the memory budget cannot be met at actc's default (RECOMPUTE_DEFAULT, the only
+# one lowered): the first that meets it is taken (the least recompute that does). Never 0: at exactly 0, torch
+# 2.13's choose_saved_values_set returns the graph's inputs before it reads the MUST_SAVE tags, so dropout
+# would be redrawn in the backward with another mask (_torch_compat.keep_saved); RECOMPUTE_LEAST saves little
+# else.
+LOWER_RECOMPUTE = (RECOMPUTE_DEFAULT / 2, RECOMPUTE_DEFAULT / 4, RECOMPUTE_DEFAULT / 8, RECOMPUTE_LEAST)
 
 
-def recompute_more(session, partition, plan_for, first, created: bool):
+@dataclass
+class Attempt:
+    """One partition and its plan, at one recompute budget."""
+    fw: fx.GraphModule
+    bw: fx.GraphModule
+    key: str
+    region: object  # session.Region
+    plan: GraphPlan
+
+
+def recompute_more(session, partition, plan_for, first: Attempt, created: bool) -> Attempt:
     """A memory budget that compression cannot meet at the recompute budget in force (a fraction or bytes
     budget below what 1 bit per element can hold) is met by recomputing more: partition and compress again at
     each budget of LOWER_RECOMPUTE in turn, and take the first plan that fits, else the last one tried (the
     most recompute). A budget that saves the same tensors as one tried before is skipped (the same plan).
-    ``first``: (fw, bw, key, region, plan) at the budget in force; ``created``: its region is new. A plan
-    that is replaced leaves the session before the next is made, so that it is neither counted against an
-    absolute budget nor numbered as a graph."""
+    ``created``: the first attempt's region is new. A plan that is replaced leaves the session before the
+    next is made, so that it is neither counted against an absolute budget nor numbered as a graph."""
     start = compat.inductor_recompute_budget()
-    best, tried, warned = first, {saved_set(first[1])}, False
-    replaced = first[2] if created else None  # a region only this call made
-    for factor in LOWER_RECOMPUTE:
-        with compat.recompute_budget(start * factor):
+    best, tried, warned = first, {saved_set(first.bw)}, False
+    replaced = first.key if created else None  # a region only this call made
+    for budget in LOWER_RECOMPUTE:
+        with compat.recompute_budget(budget):
             fw, bw, key = partition()
-            if saved_set(bw) in tried:
+            saved = saved_set(bw)
+            if saved in tried:
                 continue
-            tried.add(saved_set(bw))
+            tried.add(saved)
             if replaced is not None:
                 session.regions.pop(replaced, None)
             replaced = key if key not in session.regions else None
             if replaced is None:  # a region of an earlier compile: the plan being replaced is its own
                 session.regions[key].bits, session.regions[key].forced = {}, None
-            warned = factor == LOWER_RECOMPUTE[-1]  # compress says why, for the last budget
-            best = (fw, bw, key, *plan_for(fw, bw, key, warn=warned))
-        if best[4].feasible:
+            warned = budget == LOWER_RECOMPUTE[-1]  # compress says why, for the last budget
+            best = Attempt(fw, bw, key, *plan_for(fw, bw, key, warn=warned))
+        if best.plan.feasible:
             log.info("actc: graph %d meets memory budget %s by recomputing more (Inductor's recompute budget %g -> "
-                     "%g)", best[3].index, session.config.memory_budget, start, start * factor)
+                     "%g)", best.region.index, session.config.memory_budget, start, budget)
             return best
     if not warned:
         session.warn_once(f"actc: memory budget {session.config.memory_budget} cannot be met for graph "
-                          f"{best[3].index}, even at {min(session.config.bits)} bit and the least recompute budget "
-                          f"tried ({start * LOWER_RECOMPUTE[-1]:g}); using the tightest plan")
+                          f"{best.region.index}, even at {min(session.config.bits)} bit and the least recompute "
+                          f"budget tried ({LOWER_RECOMPUTE[-1]:g}); using the tightest plan")
     return best
 
 

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 import actc
 from actc import _torch_compat as compat
 from actc.backend import session_for
-from actc.config import RECOMPUTE_LEAST, RECOMPUTE_ON, ActcConfig, ActcOptionError
+from actc.config import RECOMPUTE_DEFAULT, RECOMPUTE_LEAST, RECOMPUTE_ON, ActcConfig, ActcOptionError
 from actc.passes.partition import ActcPartitioner
 from actc.session import Session
 
@@ -63,9 +63,13 @@ def test_recompute_budget_resolution():
     """The option wins; without it torch's own activation_memory_budget applies when a user set it."""
     assert ActcConfig(recompute=0.5).recompute_budget(0.2) == 0.5
     assert ActcConfig().recompute_budget(0.2) == 0.2
-    assert ActcConfig().recompute_budget(1.0) == ActcConfig().recompute_budget(1.0)  # RECOMPUTE_DEFAULT
+    assert ActcConfig().recompute_budget(1.0) == RECOMPUTE_DEFAULT == 0.3
+    assert ActcConfig(recompute=1.0).recompute_budget(1.0) == 1.0
     assert ActcConfig().recompute_budget(0.0) == RECOMPUTE_LEAST > 0  # 0 would redraw dropout
     assert ActcConfig().recompute_budget(0.001) == 0.001  # any other setting of the user's is kept
+    # only actc's own default may be lowered for a memory budget (recompute_budget.recompute_more)
+    assert ActcConfig().recompute_is_default(1.0)
+    assert not ActcConfig().recompute_is_default(0.3) and not ActcConfig(recompute=0.3).recompute_is_default(1.0)
 
 
 def test_keep_saved_tags_only_untagged_random_draws():
