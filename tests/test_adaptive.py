@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from actc.backend import CompiledGraph, session_for
 from actc.kernels import quant
@@ -225,28 +226,33 @@ def test_other_readers():
         assert other_readers([placeholder]) is expected
 
 
-@pytest.mark.slow  # ~150 s on 2 cores
+class _PositionLM(nn.Module):
+    """TinyGPT's first layers: token and position embeddings summed, a residual Linear on a LayerNorm, and a
+    head under cross-entropy. The partitioner saves the position embedding (context x width) as it is."""
+
+    def __init__(self, vocab: int = 64, width: int = 64, context: int = 32):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.ln1, self.fc = nn.LayerNorm(width), nn.Linear(width, width)
+        self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        x = x + self.fc(self.ln1(x))
+        return F.cross_entropy(self.head(self.ln(x)).flatten(0, 1), idx.flatten())
+
+
+@pytest.mark.slow  # ~75 s on 2 cores
 def test_broadcast_rows_count_every_copy():
-    """TinyGPT's position embedding (context x width) is added to every row of the batch and read by a
-    LayerNorm (no weight gradient: a fallback row). Its range factor counts each stored element once per
-    row it reaches, so doubling the batch doubles it: the positions, hence the groups' ranges, are the same."""
-    import torch.nn.functional as F
-    from actc.models import TinyGPT
-
-    class LM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gpt = TinyGPT(vocab=64, width=64, layers=1, heads=2, context=32)
-
-        def forward(self, idx):
-            return F.cross_entropy(self.gpt(idx).flatten(0, 1), idx.flatten())
-
+    """A position embedding (context x width) is added to every row of the batch and read by a LayerNorm
+    (no weight gradient: a fallback row). Its range factor counts each stored element once per row it
+    reaches, so doubling the batch doubles it: the positions, hence the groups' ranges, are the same."""
     rows = []
     for batch in (4, 8):
         torch._dynamo.reset()
         torch.manual_seed(0)
         options = {**BASE, "memory_budget": "2bit", "warmup_steps": 1000}
-        compiled = torch.compile(LM(), backend="actc", options=options)
+        compiled = torch.compile(_PositionLM(), backend="actc", options=options)
         compiled(torch.randint(0, 64, (batch, 32), generator=torch.Generator().manual_seed(1))).backward()
         (region,) = _session(options).regions.values()
         (pos,) = [t.name for t in region.plan.tensors if t.shape == "(32, 64)" and t.producer == "embedding"]
