@@ -191,8 +191,9 @@ def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 codes [rows, k], each < 2**bits -> uint8 [rows, k * bits // 8], code j of a byte at bit j * bits.
 
     An OR of 8 // bits strided slices: a pointwise op over the bytes. As a sum over a last dimension of
-    8 // bits, the same bytes cost 2.4x the time at 1 bit on Inductor's C++ backend, which vectorized each
-    byte's 8 codes with a horizontal reduction of its own (bench/bench_kernels.py, 64 MiB: 157 -> 65 ms)."""
+    8 // bits, the same bytes cost 2.7x the time at 1 bit on Inductor's C++ backend, which vectorized each
+    byte's 8 codes with a horizontal reduction of its own (bench/bench_kernels.py, 64 MiB, one thread:
+    compress 181 -> 67 ms)."""
     if bits == 8:
         return q.to(torch.uint8)
     per = 8 // bits
