@@ -17,7 +17,7 @@ GB/s counts bytes read plus bytes written (compress: input + codes + meta; decom
 copy and clone: twice the input), and ``x copy`` / ``x clone`` are that bandwidth over the copy's / the
 clone's. On the CPU a fresh output of many MiB costs its page faults: at 64 MiB, one thread, the clone
 takes several times the copy's time here (the table shows both), as any op that writes a new tensor of
-that size does (a compiled ``x * 2 + 1`` too). Like compares with like: compress, whose new outputs are
+that size must. Like compares with like: compress, whose new outputs are
 1/32 to 1/4 of its input, with the copy; decompress, which writes a new full-size tensor, with the clone.
 The plot draws those two ratios against the goals (issue 15 on the CPU: compress >= 0.3, decompress >= 0.5
 at 64 MiB, one thread; 0.8 on a GPU, where the caching allocator reuses memory and the two baselines
